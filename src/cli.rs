@@ -1,0 +1,120 @@
+//! The command line, as plain clap data. Validation into a [`Config`] happens in
+//! [`ServeArgs::into_config`], so `main.rs` stays a shell.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{
+    Config, ConfigError, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, RouteConfig,
+};
+use crate::link::Shape;
+use crate::spec::{Burst, Framing, HumanDuration, LinkRate};
+
+/// migshaper: an inline TCP proxy for QEMU live migration that emulates a 1 Gb/s, 10 Gb/s
+/// (or any) link and accounts the migration's bytes per phase.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy: one route from flags, or several from a TOML file.
+    Serve(ServeArgs),
+}
+
+/// `migshaper serve` flags.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML file with [[route]] tables (name, listen, upstream, link, burst, framing, delay).
+    #[arg(long, conflicts_with_all = ["listen", "upstream", "link", "burst", "framing", "delay", "name"])]
+    pub config: Option<PathBuf>,
+    /// Where the source QEMU connects: IP:PORT, [IPv6]:PORT or HOST:PORT.
+    #[arg(long, required_unless_present = "config")]
+    pub listen: Option<String>,
+    /// The destination QEMU's migration port: HOST:PORT (resolved at each connect).
+    #[arg(long, required_unless_present = "config")]
+    pub upstream: Option<String>,
+    /// Line rate: 1g, 10g, 2.5gbit, 100mbit, 125MB/s, 1.25GB/s, unlimited (decimal SI).
+    #[arg(long, required_unless_present = "config")]
+    pub link: Option<LinkRate>,
+    /// Burst tolerance: a duration of line rate (default 4ms) or bytes (e.g. 500KB).
+    #[arg(long)]
+    pub burst: Option<Burst>,
+    /// Per-segment overhead charged: none | ethernet[:MTU] (default ethernet:1500, so 1g
+    /// carries ~941 Mb/s of payload like a real GbE link).
+    #[arg(long)]
+    pub framing: Option<Framing>,
+    /// One-way propagation delay per direction, e.g. 250us, 5ms (default 0).
+    #[arg(long)]
+    pub delay: Option<HumanDuration>,
+    /// Route name for logs and metrics.
+    #[arg(long, default_value = "default")]
+    pub name: String,
+    /// Upstream connect timeout.
+    #[arg(long, default_value_t = HumanDuration(DEFAULT_CONNECT_TIMEOUT))]
+    pub connect_timeout: HumanDuration,
+    /// How long open connections may finish after SIGINT/SIGTERM before they are closed.
+    #[arg(long, default_value_t = HumanDuration(DEFAULT_DRAIN_TIMEOUT))]
+    pub drain_timeout: HumanDuration,
+}
+
+impl ServeArgs {
+    /// Validates the flags (or loads the file they name) into a [`Config`].
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let timeouts = |c: &mut Config| {
+            c.connect_timeout = self.connect_timeout.0;
+            c.drain_timeout = self.drain_timeout.0;
+        };
+        if let Some(path) = &self.config {
+            let mut c = Config::from_file(path)?;
+            // Flags given explicitly win over the file; defaults do not override it.
+            if self.connect_timeout.0 != DEFAULT_CONNECT_TIMEOUT {
+                c.connect_timeout = self.connect_timeout.0;
+            }
+            if self.drain_timeout.0 != DEFAULT_DRAIN_TIMEOUT {
+                c.drain_timeout = self.drain_timeout.0;
+            }
+            return Ok(c);
+        }
+        // clap enforces presence; these defaults are never used.
+        let route = RouteConfig {
+            name: self.name.clone(),
+            listen: self.listen.clone().unwrap_or_default(),
+            upstream: self.upstream.clone().unwrap_or_default(),
+            shape: Shape {
+                rate: self.link.unwrap_or(LinkRate::Unlimited),
+                burst: self.burst.unwrap_or(Burst::DEFAULT),
+                framing: self.framing.unwrap_or(Framing::DEFAULT),
+            },
+            delay: self.delay.unwrap_or_default().0,
+        };
+        let mut c = Config {
+            routes: vec![route],
+            connect_timeout: Duration::ZERO,
+            drain_timeout: Duration::ZERO,
+            source: None,
+        };
+        timeouts(&mut c);
+        c.validate("command line")?;
+        Ok(c)
+    }
+}

@@ -1,0 +1,56 @@
+//! migshaper: an inline TCP proxy for QEMU live migration.
+//!
+//! It sits between a source QEMU (or libvirt) and the destination's migration port,
+//! forwards every byte unchanged and in order, and emulates a link of a chosen speed:
+//! 1 Gb/s, 10 Gb/s or any rate, full duplex, shared by all connections of a route.
+//!
+//! # Layout
+//! | module | job |
+//! |---|---|
+//! | [`spec`] | the small value languages: link rates (`1g`, `125MB/s`), bursts, framing, durations |
+//! | [`config`] | validated configuration from flags or a TOML file; every error names file, key, value |
+//! | [`cli`] | clap definitions; `main.rs` is a thin shell over them |
+//! | [`link`] | the shared full-duplex link: one sans-IO [`link::TokenBucket`] per direction, a delay |
+//! | [`proxy`] | accept loop, in-order upstream connector, one pump task per direction |
+//! | [`app`] | bind every route, run, drain on shutdown |
+//!
+//! # Data flow
+//! 1. `main` parses [`cli::Cli`] into a [`config::Config`], binds every route
+//!    ([`app::Server::bind`]) and runs it until SIGINT/SIGTERM.
+//! 2. Each route accepts source connections; a single connector task opens the upstream
+//!    connections one at a time, in accept order (QEMU assigns channel roles by order).
+//! 3. Each connection gets two pump tasks ([`proxy::pump::pump`]): read a chunk (at most
+//!    the burst), book the route's bucket for that direction ([`link::Link::acquire`]),
+//!    wait until the booking's release time, write the chunk (through the delay line if
+//!    a delay is set), repeat. EOF is passed on as a half-close; an error resets both
+//!    sides.
+//! 4. The bucket is pure arithmetic on `now`: reservations are granted first come, first
+//!    served, which makes the shared link fair and bounds a small message's wait to the
+//!    chunk ahead of it; the return path has its own bucket, so it never queues behind
+//!    the migration stream.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod link;
+pub mod proxy;
+pub mod spec;
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGTERM handler; only SIGINT stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

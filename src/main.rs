@@ -1,0 +1,64 @@
+//! The `migshaper` command: parse flags, set up logging, call the library, map errors to
+//! exit codes (2: bad configuration or cannot start; 1: runtime failure).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use migshaper::app::Server;
+use migshaper::cli::{Cli, Command, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: migshaper::cli::ServeArgs) -> ExitCode {
+    let config = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("migshaper: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("migshaper")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("migshaper: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async {
+        let server = match Server::bind(&config) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("migshaper: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        server.run(migshaper::shutdown_signal()).await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MIGSHAPER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
+}

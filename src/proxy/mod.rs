@@ -1,0 +1,271 @@
+//! The proxy: per route, an accept loop, an in-order upstream connector, and two pumps per
+//! connection.
+//!
+//! Upstream connections are opened one at a time in accept order: QEMU destinations up to
+//! 9.2 (and any version under TLS or with postcopy) assign channel roles by arrival order,
+//! so a proxy that connected in parallel could swap the main and multifd channels.
+
+pub mod pump;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::link::{Direction, Link};
+use pump::{PumpError, pump};
+
+/// Accepted connections queued for the connector before the accept loop waits.
+const CONNECT_QUEUE: usize = 1024;
+
+/// A route that is bound and ready to run.
+#[derive(Debug)]
+pub struct Route {
+    /// The route's name.
+    pub name: String,
+    /// The upstream address, resolved at each connect.
+    pub upstream: String,
+    /// The link shared by all connections of this route.
+    pub link: Link,
+    /// Upstream connect timeout.
+    pub connect_timeout: Duration,
+    listener: TcpListener,
+}
+
+/// Binds a listening socket with address reuse and a deep backlog.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+impl Route {
+    /// Wraps an already bound listener.
+    pub fn new(
+        name: String,
+        listener: TcpListener,
+        upstream: String,
+        link: Link,
+        connect_timeout: Duration,
+    ) -> Self {
+        Route {
+            name,
+            upstream,
+            link,
+            connect_timeout,
+            listener,
+        }
+    }
+
+    /// The address the route listens on.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts until `stop_accepting` fires. Connections run on `tracker` and are reset
+    /// when `kill` fires.
+    pub async fn run(
+        self,
+        stop_accepting: CancellationToken,
+        kill: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let Route {
+            name,
+            upstream,
+            link,
+            connect_timeout,
+            listener,
+        } = self;
+        let (tx, rx) = mpsc::channel::<(TcpStream, SocketAddr)>(CONNECT_QUEUE);
+        let connector = Connector {
+            route: name.clone(),
+            upstream,
+            link,
+            connect_timeout,
+            kill,
+            tracker: tracker.clone(),
+        };
+        let connector_task = tracker.spawn(connector.run(rx, stop_accepting.clone()));
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = stop_accepting.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    backoff = Duration::from_millis(10);
+                    if tx.send((stream, peer)).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(route = %name, error = %e, "accept failed; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+        drop(listener);
+        info!(route = %name, "stopped accepting");
+        drop(tx);
+        let _ = connector_task.await;
+    }
+}
+
+/// Opens upstream connections one at a time, in accept order.
+struct Connector {
+    route: String,
+    upstream: String,
+    link: Link,
+    connect_timeout: Duration,
+    kill: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Connector {
+    async fn run(self, mut rx: mpsc::Receiver<(TcpStream, SocketAddr)>, stop: CancellationToken) {
+        let mut next_id = 0u64;
+        while let Some((client, peer)) = rx.recv().await {
+            if stop.is_cancelled() {
+                reset(&client);
+                continue;
+            }
+            next_id += 1;
+            let span = info_span!("conn", route = %self.route, id = next_id, %peer);
+            let upstream = match tokio::time::timeout(self.connect_timeout, connect(&self.upstream))
+                .instrument(span.clone())
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    span.in_scope(|| {
+                        warn!(upstream = %self.upstream, error = %e, "upstream connect failed; closing the client connection (check that the destination is listening)")
+                    });
+                    reset(&client);
+                    continue;
+                }
+                Err(_) => {
+                    span.in_scope(|| {
+                        warn!(upstream = %self.upstream, timeout = ?self.connect_timeout, "upstream connect timed out; closing the client connection (check the route to the destination)")
+                    });
+                    reset(&client);
+                    continue;
+                }
+            };
+            let conn = Connection {
+                client: Arc::new(client),
+                upstream: Arc::new(upstream),
+                link: self.link.clone(),
+                cancel: self.kill.child_token(),
+            };
+            self.tracker
+                .spawn(conn.run(self.tracker.clone()).instrument(span));
+        }
+    }
+}
+
+/// Resolves `upstream` and connects to the first address that answers.
+async fn connect(upstream: &str) -> io::Result<TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(upstream).await? {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        match socket.connect(addr).await {
+            Ok(s) => {
+                s.set_nodelay(true)?;
+                return Ok(s);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address")))
+}
+
+/// Closes a socket with a reset, so the peer sees a failure rather than a clean end.
+fn reset(s: &TcpStream) {
+    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
+/// One proxied connection: the client (source side) and its upstream (destination side).
+struct Connection {
+    client: Arc<TcpStream>,
+    upstream: Arc<TcpStream>,
+    link: Link,
+    cancel: CancellationToken,
+}
+
+impl Connection {
+    async fn run(self, tracker: TaskTracker) {
+        let _ = self.client.set_nodelay(true);
+        debug!(local = ?self.upstream.local_addr().ok(), "connected upstream");
+        let span = tracing::Span::current();
+        let fwd = tracker.spawn(
+            pump(
+                self.client.clone(),
+                self.upstream.clone(),
+                self.link.clone(),
+                Direction::ToDestination,
+                self.cancel.clone(),
+                (),
+            )
+            .instrument(span.clone()),
+        );
+        let rev = tracker.spawn(
+            pump(
+                self.upstream.clone(),
+                self.client.clone(),
+                self.link.clone(),
+                Direction::ToSource,
+                self.cancel.clone(),
+                (),
+            )
+            .instrument(span),
+        );
+        let (fwd, rev) = tokio::join!(self.watch(fwd), self.watch(rev));
+        match (fwd, rev) {
+            (Some(to_dst), Some(to_src)) => {
+                info!(
+                    to_destination = to_dst,
+                    to_source = to_src,
+                    "connection closed"
+                )
+            }
+            _ => info!("connection aborted"),
+        }
+    }
+
+    /// Awaits one direction; on failure resets both sockets and cancels the other one.
+    async fn watch(&self, task: tokio::task::JoinHandle<Result<u64, PumpError>>) -> Option<u64> {
+        let result = task.await.unwrap_or(Err(PumpError::Cancelled));
+        match result {
+            Ok(n) => Some(n),
+            Err(e) => {
+                if !matches!(e, PumpError::Cancelled) || !self.cancel.is_cancelled() {
+                    warn!(error = %e, "closing both sides");
+                }
+                reset(&self.client);
+                reset(&self.upstream);
+                self.cancel.cancel();
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! One direction of one proxied connection: read a chunk, wait for the link, write it.
+//!
+//! Each direction runs as its own task, so a saturated migration stream can never starve
+//! the return path behind it (tokio's `copy_bidirectional` did, for seconds). Bytes are
+//! forwarded unchanged and in order; an EOF is passed on as a half-close and the other
+//! direction keeps flowing; an error on either socket cancels the whole connection.
+
+use std::io;
+use std::sync::Arc;
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::link::{Direction, Link};
+
+/// Largest read per chunk. Large reads keep syscall overhead low at 10 Gb/s; the link caps
+/// chunks further at its burst.
+pub const MAX_CHUNK: usize = 256 * 1024;
+/// First buffer size: idle and return-path directions never need more.
+const MIN_CHUNK: usize = 16 * 1024;
+/// Bytes a direction may hold in its delay line (the emulated wire's content). At 10 Gb/s
+/// this covers 25 ms of one-way delay at full rate; beyond that the delay line caps the
+/// window like a TCP window would.
+const DELAY_LINE_BYTES: usize = 32 * 1024 * 1024;
+
+/// Why a direction stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum PumpError {
+    /// Reading from the sending side failed (e.g. it was reset).
+    #[error("read from {side} failed: {source}")]
+    Read {
+        /// `source` or `destination`.
+        side: &'static str,
+        /// The socket error.
+        source: io::Error,
+    },
+    /// Writing to the receiving side failed (e.g. it was reset).
+    #[error("write to {side} failed: {source}")]
+    Write {
+        /// `source` or `destination`.
+        side: &'static str,
+        /// The socket error.
+        source: io::Error,
+    },
+    /// The connection was cancelled (the other direction failed, or the drain expired).
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Something that sees every forwarded chunk after it was written (metering, parsing).
+pub trait Tap: Send {
+    /// Called with each chunk, in order, after it was handed to the receiving socket.
+    fn on_chunk(&mut self, chunk: &[u8]);
+}
+
+impl Tap for () {
+    fn on_chunk(&mut self, _: &[u8]) {}
+}
+
+fn sides(dir: Direction) -> (&'static str, &'static str) {
+    match dir {
+        Direction::ToDestination => ("source", "destination"),
+        Direction::ToSource => ("destination", "source"),
+    }
+}
+
+/// Forwards `src` → `dst` through `link` until EOF (then half-closes `dst`), an error, or
+/// `cancel`. Returns the bytes forwarded.
+pub async fn pump(
+    src: Arc<TcpStream>,
+    dst: Arc<TcpStream>,
+    link: Link,
+    dir: Direction,
+    cancel: CancellationToken,
+    mut tap: impl Tap,
+) -> Result<u64, PumpError> {
+    let (from, to) = sides(dir);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut total = 0u64;
+    let mut delay_line: Option<DelayLine> = None;
+    loop {
+        let limit = link.chunk_limit(MAX_CHUNK);
+        if buf.len() < limit.min(MIN_CHUNK) {
+            buf.resize(limit.min(MIN_CHUNK), 0);
+        }
+        let want = buf.len().min(limit);
+        let n = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(PumpError::Cancelled),
+            r = read(&src, &mut buf[..want]) => r.map_err(|source| PumpError::Read { side: from, source })?,
+        };
+        if n == 0 {
+            if let Some(line) = delay_line.take() {
+                line.finish(&cancel).await?;
+            } else {
+                // Half-close: pass the FIN on; the other direction keeps flowing.
+                let _ = socket2::SockRef::from(&*dst).shutdown(std::net::Shutdown::Write);
+            }
+            return Ok(total);
+        }
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(PumpError::Cancelled),
+            _ = link.acquire(dir, n) => {}
+        }
+        let delay = link.delay();
+        if delay_line.is_none() && !delay.is_zero() {
+            delay_line = Some(DelayLine::spawn(dst.clone(), to, cancel.clone()));
+        }
+        match &delay_line {
+            Some(line) => {
+                line.send(&buf[..n], Instant::now() + delay, &cancel)
+                    .await?
+            }
+            None => tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(PumpError::Cancelled),
+                r = write_all(&dst, &buf[..n]) => r.map_err(|source| PumpError::Write { side: to, source })?,
+            },
+        }
+        tap.on_chunk(&buf[..n]);
+        total += n as u64;
+        // A full read means a busy direction: grow the buffer towards MAX_CHUNK.
+        if n == buf.len() && buf.len() < limit {
+            buf.resize((buf.len() * 2).min(limit), 0);
+        }
+    }
+}
+
+/// Reads once from a shared socket.
+pub async fn read(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        s.readable().await?;
+        match s.try_read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Writes all of `buf` to a shared socket.
+pub async fn write_all(s: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        s.writable().await?;
+        match s.try_write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+// === impl DelayLine ===
+
+enum Slot {
+    Data(Vec<u8>, Instant, tokio::sync::OwnedSemaphorePermit),
+    Eof,
+}
+
+/// A propagation delay: chunks enter with a due time and a writer task hands them to the
+/// socket when due. Created on the first chunk that sees a non-zero delay and kept for the
+/// rest of the connection, so order holds even if the delay changes live.
+struct DelayLine {
+    tx: mpsc::UnboundedSender<Slot>,
+    budget: Arc<Semaphore>,
+    writer: tokio::task::JoinHandle<Result<(), PumpError>>,
+}
+
+impl DelayLine {
+    fn spawn(dst: Arc<TcpStream>, side: &'static str, cancel: CancellationToken) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Slot>();
+        let writer = tokio::spawn(async move {
+            while let Some(slot) = rx.recv().await {
+                match slot {
+                    Slot::Data(bytes, due, _permit) => {
+                        tokio::select! {
+                            biased;
+                            _ = cancel.cancelled() => return Err(PumpError::Cancelled),
+                            r = async {
+                                tokio::time::sleep_until(due).await;
+                                write_all(&dst, &bytes).await
+                            } => if let Err(source) = r {
+                                // The reader only learns of this through the token.
+                                tracing::warn!(side, error = %source, "write failed in delay line");
+                                cancel.cancel();
+                                return Err(PumpError::Write { side, source });
+                            },
+                        }
+                    }
+                    Slot::Eof => {
+                        let _ = socket2::SockRef::from(&*dst).shutdown(std::net::Shutdown::Write);
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(())
+        });
+        DelayLine {
+            tx,
+            budget: Arc::new(Semaphore::new(DELAY_LINE_BYTES)),
+            writer,
+        }
+    }
+
+    async fn send(
+        &self,
+        chunk: &[u8],
+        due: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<(), PumpError> {
+        let permits = u32::try_from(chunk.len().min(DELAY_LINE_BYTES)).unwrap_or(u32::MAX);
+        let permit = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(PumpError::Cancelled),
+            p = self.budget.clone().acquire_many_owned(permits) => p.map_err(|_| PumpError::Cancelled)?,
+        };
+        self.tx
+            .send(Slot::Data(chunk.to_vec(), due, permit))
+            .map_err(|_| PumpError::Cancelled)
+    }
+
+    async fn finish(self, cancel: &CancellationToken) -> Result<(), PumpError> {
+        let _ = self.tx.send(Slot::Eof);
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => Err(PumpError::Cancelled),
+            r = self.writer => r.unwrap_or(Err(PumpError::Cancelled)),
+        }
+    }
+}
