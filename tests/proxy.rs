@@ -171,12 +171,11 @@ async fn a_reset_on_one_side_resets_the_other() {
 
 #[tokio::test]
 async fn upstream_refusal_closes_the_client() {
-    // A port that was just free: connecting to it is refused.
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A port that is bound but not listening: connecting to it is refused, and no other
+    // test can take it meanwhile.
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let closed = reserved.local_addr().unwrap();
     let server = start(config(vec![route(closed, "unlimited")]));
     let mut c = TcpStream::connect(server.addr()).await.unwrap();
     let mut b = [0u8; 1];
@@ -399,4 +398,116 @@ fn cli_config_errors_exit_2_naming_file_key_and_value() {
         String::from_utf8_lossy(&out.stderr)
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts the real binary with JSON logs and returns it with its bound listen address.
+fn spawn_serve(
+    upstream: std::net::SocketAddr,
+    extra: &[&str],
+) -> (std::process::Child, std::net::SocketAddr) {
+    use std::io::BufRead;
+    let mut child = migshaper()
+        .args([
+            "serve",
+            "--log-format",
+            "json",
+            "--listen",
+            "127.0.0.1:0",
+            "--link",
+            "1g",
+        ])
+        .args(["--upstream", &upstream.to_string()])
+        .args(extra)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("migshaper exited before listening")
+            .unwrap();
+        if let Some(i) = line.find("\"listen\":\"") {
+            let rest = &line[i + 10..];
+            break rest[..rest.find('"').unwrap()].parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+fn sigterm(child: &std::process::Child) {
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+fn wait_exit(child: &mut std::process::Child) -> (std::process::ExitStatus, Duration) {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return (s, t.elapsed());
+        }
+        assert!(t.elapsed() < WAIT, "migshaper did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn sigterm_stops_accepting_and_drains_open_connections() {
+    use std::io::{Read, Write};
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut child, addr) = spawn_serve(upstream.local_addr().unwrap(), &[]);
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    let (mut d, _) = upstream.accept().unwrap();
+    c.write_all(b"before").unwrap();
+    let mut b = [0u8; 6];
+    d.read_exact(&mut b).unwrap();
+    sigterm(&child);
+    // New connections are refused once the listener is closed...
+    let t = Instant::now();
+    while std::net::TcpStream::connect(addr).is_ok() {
+        assert!(t.elapsed() < WAIT, "still accepting after SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // ...while the open one keeps flowing both ways until it closes.
+    c.write_all(b"after!").unwrap();
+    d.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"after!");
+    d.write_all(b"reply!").unwrap();
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"reply!");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited with a connection open"
+    );
+    drop(c);
+    drop(d);
+    let (status, _) = wait_exit(&mut child);
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn the_drain_timeout_closes_what_is_left_and_exits_0() {
+    use std::io::Read;
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut child, addr) = spawn_serve(
+        upstream.local_addr().unwrap(),
+        &["--drain-timeout", "300ms"],
+    );
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    let (_d, _) = upstream.accept().unwrap();
+    sigterm(&child);
+    let (status, took) = wait_exit(&mut child);
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        took >= Duration::from_millis(250),
+        "exited after {took:?}, before the drain timeout"
+    );
+    // The idle connection was closed, not left hanging.
+    let mut b = [0u8; 1];
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    assert!(matches!(c.read(&mut b), Ok(0) | Err(_)));
 }

@@ -131,6 +131,26 @@ impl TokenBucket {
         self.free_at.max(now)
     }
 
+    /// Reserves the wire for a sparse flow's `n` bytes at `now`: they jump ahead of the
+    /// bookings already granted to busy flows, as a real link's fair queueing (fq_codel's
+    /// "new flows") serves a flow that had nothing queued before the bulk backlog. The
+    /// bytes are still charged: the next booking starts that much later, so the rate holds.
+    /// The caller decides what is sparse (see `Link::acquire`).
+    pub fn reserve_sparse(&mut self, n: u64, now: Instant) -> Instant {
+        let Some(cost) = self.cost else {
+            return now;
+        };
+        if self.free_at <= now {
+            return self.reserve(n, now);
+        }
+        let total = u128::from(n) * cost.per_byte + self.frac;
+        let ns = total / cost.denom;
+        self.frac = total % cost.denom;
+        let d = Duration::from_nanos(ns.min(u128::from(u64::MAX)) as u64);
+        self.free_at += d;
+        now + d
+    }
+
     /// How long the wire is booked beyond `now` (zero when idle): the queue a newcomer
     /// would wait behind.
     pub fn backlog(&self, now: Instant) -> Duration {
@@ -284,6 +304,28 @@ mod tests {
             "FIFO: the ping goes after the chunk booked before it"
         );
         assert!(ping - now <= Duration::from_micros(525), "{:?}", ping - now);
+    }
+
+    #[test]
+    fn a_sparse_flow_jumps_the_bulk_queue_but_is_charged() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(shape("1g", "4ms", "none"), t0);
+        // Four bulk flows each hold a 256 KiB booking: 8 ms of wire ahead.
+        let mut last = t0;
+        for _ in 0..4 {
+            last = b.reserve(262_144, t0);
+        }
+        let ping = b.reserve_sparse(64, t0);
+        assert!(ping - t0 < Duration::from_micros(1), "{:?}", ping - t0);
+        // The bulk flows' next booking pays for the ping's 64 bytes.
+        let next = b.reserve(262_144, t0);
+        assert_eq!(next - last, Duration::from_nanos(2_097_152 + 512));
+        // On an idle wire a sparse reservation is an ordinary one.
+        let mut idle = TokenBucket::new(shape("1g", "4ms", "none"), t0);
+        assert_eq!(
+            idle.reserve_sparse(125_000, t0),
+            t0 + Duration::from_millis(1)
+        );
     }
 
     #[test]

@@ -6,12 +6,13 @@
 //! would only add cost. Waiting happens outside the lock, with tokio's timer.
 
 pub mod bucket;
+pub mod pacer;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use std::time::Instant;
 
 pub use bucket::{Shape, TokenBucket};
 
@@ -44,10 +45,9 @@ impl Direction {
     }
 }
 
-/// Waits shorter than this are not slept: tokio's timer has millisecond granularity, so
-/// sleeping for a few microseconds would cost a whole millisecond. Releasing that little
-/// early is far inside the burst tolerance and does not move the schedule.
-const MIN_SLEEP: Duration = Duration::from_micros(50);
+/// Waits shorter than this are not slept: a thread wake-up costs about as much. Releasing
+/// that little early is far inside the burst tolerance and does not move the schedule.
+const MIN_SLEEP: Duration = Duration::from_micros(20);
 
 /// A shared, live-reconfigurable link. Clone it into every connection of a route.
 #[derive(Debug, Clone)]
@@ -64,7 +64,7 @@ struct Inner {
 impl Link {
     /// A link with this shape and one-way delay, both buckets starting empty.
     pub fn new(shape: Shape, delay: Duration) -> Self {
-        let now = Instant::now().into_std();
+        let now = Instant::now();
         Link {
             inner: Arc::new(Inner {
                 buckets: [
@@ -97,7 +97,7 @@ impl Link {
     /// Applies a new shape and delay to both directions at once. Every connection picks it
     /// up with its next chunk; both buckets start empty (no burst at the switch).
     pub fn set(&self, shape: Shape, delay: Duration) {
-        let now = Instant::now().into_std();
+        let now = Instant::now();
         for dir in Direction::ALL {
             self.bucket(dir).set_shape(shape, now);
         }
@@ -106,26 +106,70 @@ impl Link {
             .store(duration_ns(delay), Ordering::Relaxed);
     }
 
-    /// The largest chunk a reader should take at once in this direction: never more than
-    /// the burst, so that no single release exceeds it.
+    /// The largest chunk a reader should take at once: at most `max`, the burst (so no
+    /// single release exceeds it) and 1 ms of line rate (so a 100 ms window of a shaped
+    /// link is never off by more than 1 % from chunking alone).
     pub fn chunk_limit(&self, max: usize) -> usize {
-        match self.shape().burst_payload_bytes() {
-            Some(b) => usize::try_from(b).unwrap_or(usize::MAX).clamp(1, max),
-            None => max,
-        }
+        let shape = self.shape();
+        let (Some(burst), Some(bits)) = (
+            shape.burst_payload_bytes(),
+            shape.framing.payload_rate(shape.rate),
+        ) else {
+            return max;
+        };
+        let per_ms = (bits / 8.0 / 1000.0) as u64;
+        let limit = burst.min(per_ms.max(MIN_CHUNK_LIMIT));
+        usize::try_from(limit).unwrap_or(usize::MAX).clamp(1, max)
     }
 
-    /// Waits until `n` payload bytes may leave in direction `dir`; returns how long it
-    /// waited (the saturation signal). Cancel-safe: dropping the future forfeits the slot.
-    pub async fn acquire(&self, dir: Direction, n: usize) -> Duration {
+    /// Books the wire for `n` payload bytes of `flow` in direction `dir` at `now` and
+    /// returns when they may leave.
+    ///
+    /// A sparse flow (a small chunk after at least [`SPARSE_GAP`] of silence, such as a
+    /// post-copy page request or a preempt-channel page) is served ahead of bulk bookings,
+    /// like fair queueing on a real link; everything else is first come, first served.
+    pub fn book(&self, dir: Direction, n: usize, flow: &mut Flow, now: Instant) -> Instant {
+        let sparse = n <= SPARSE_MAX
+            && flow
+                .last_release
+                .is_none_or(|t| now.saturating_duration_since(t) >= SPARSE_GAP);
+        let at = {
+            let mut bucket = self.bucket(dir);
+            if sparse {
+                bucket.reserve_sparse(n as u64, now)
+            } else {
+                bucket.reserve(n as u64, now)
+            }
+        };
+        flow.last_release = Some(at);
+        at
+    }
+
+    /// Books `n` bytes (see [`Link::book`]) and waits until they may leave; returns how
+    /// long it waited (the saturation signal). Cancel-safe: dropping the future forfeits
+    /// the wait, not the charge.
+    pub async fn acquire(&self, dir: Direction, n: usize, flow: &mut Flow) -> Duration {
         let now = Instant::now();
-        let at = self.bucket(dir).reserve(n as u64, now.into_std());
-        let wait = at.saturating_duration_since(now.into_std());
+        let at = self.book(dir, n, flow, now);
+        let wait = at.saturating_duration_since(now);
         if wait >= MIN_SLEEP {
-            tokio::time::sleep_until(Instant::from_std(at)).await;
+            pacer::sleep_until(at).await;
         }
         wait
     }
+}
+
+/// Chunks never shrink below this, however slow the link.
+const MIN_CHUNK_LIMIT: u64 = 1500;
+/// Largest chunk that counts as a sparse flow's message.
+pub const SPARSE_MAX: usize = 8 * 1024;
+/// Silence after which a flow counts as sparse again.
+pub const SPARSE_GAP: Duration = Duration::from_millis(1);
+
+/// One connection direction's state as seen by the link (for fair queueing).
+#[derive(Debug, Default, Clone)]
+pub struct Flow {
+    last_release: Option<Instant>,
 }
 
 fn duration_ns(d: Duration) -> u64 {
@@ -136,52 +180,86 @@ fn duration_ns(d: Duration) -> u64 {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn acquire_paces_on_tokio_time() {
-        let shape = Shape {
-            rate: "1g".parse().unwrap(),
+    fn shape(rate: &str) -> Shape {
+        Shape {
+            rate: rate.parse().unwrap(),
             burst: "4ms".parse().unwrap(),
             framing: "none".parse().unwrap(),
-        };
-        let link = Link::new(shape, Duration::ZERO);
-        let t0 = Instant::now();
-        for _ in 0..1000 {
-            link.acquire(Direction::ToDestination, 125_000).await;
         }
-        // 125 MB at 1 Gb/s: one second of (paused, auto-advanced) time.
-        let took = t0.elapsed();
-        assert!(
-            took >= Duration::from_millis(999) && took <= Duration::from_millis(1001),
-            "{took:?}"
-        );
-        // The reverse direction has its own bucket and is idle: no wait.
-        let w = link.acquire(Direction::ToSource, 64).await;
-        assert!(w < MIN_SLEEP, "{w:?}");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn set_applies_to_the_next_chunk() {
-        let g1 = Shape {
-            rate: "1g".parse().unwrap(),
-            burst: "4ms".parse().unwrap(),
-            framing: "none".parse().unwrap(),
-        };
-        let link = Link::new(g1, Duration::ZERO);
-        link.set(
-            Shape {
-                rate: "10g".parse().unwrap(),
-                ..g1
-            },
-            Duration::from_millis(5),
-        );
-        assert_eq!(link.delay(), Duration::from_millis(5));
+    #[test]
+    fn directions_have_separate_buckets_shared_by_all_flows() {
+        let link = Link::new(shape("1g"), Duration::ZERO);
         let t0 = Instant::now();
-        for _ in 0..1000 {
-            link.acquire(Direction::ToDestination, 125_000).await;
+        let (mut a, mut b) = (Flow::default(), Flow::default());
+        // Two bulk flows share one bucket: 2 x 125 kB take 2 ms in total.
+        link.book(Direction::ToDestination, 125_000, &mut a, t0);
+        let second = link.book(Direction::ToDestination, 125_000, &mut b, t0);
+        assert!(
+            second - t0 >= Duration::from_micros(1900),
+            "{:?}",
+            second - t0
+        );
+        // The reverse direction is idle: a small message leaves at once.
+        let rp = link.book(Direction::ToSource, 64, &mut Flow::default(), t0);
+        assert!(rp - t0 < Duration::from_micros(1));
+    }
+
+    #[test]
+    fn sparse_flows_skip_the_bulk_queue_busy_flows_do_not() {
+        let link = Link::new(shape("1g"), Duration::ZERO);
+        let t0 = Instant::now();
+        let mut bulk = Flow::default();
+        for _ in 0..8 {
+            link.book(Direction::ToDestination, 125_000, &mut bulk, t0);
         }
-        let took = t0.elapsed();
-        assert!(took <= Duration::from_millis(101), "{took:?}");
+        // 8 ms of bulk is booked; a page request on another flow goes first.
+        let mut pages = Flow::default();
+        let first = link.book(Direction::ToDestination, 4096, &mut pages, t0);
+        assert!(first - t0 < Duration::from_micros(40), "{:?}", first - t0);
+        // Right after, the same flow is not sparse any more: it queues like everyone.
+        let again = link.book(Direction::ToDestination, 4096, &mut pages, t0);
+        assert!(again - t0 > Duration::from_millis(8));
+        // Large chunks are never sparse.
+        let big = link.book(Direction::ToDestination, 65536, &mut Flow::default(), t0);
+        assert!(big - t0 > Duration::from_millis(8));
+    }
+
+    #[test]
+    fn set_applies_to_the_next_booking_with_an_empty_bucket() {
+        let link = Link::new(shape("1g"), Duration::ZERO);
+        let t0 = Instant::now();
+        link.set(shape("10g"), Duration::from_millis(5));
+        assert_eq!(link.delay(), Duration::from_millis(5));
+        assert_eq!(link.shape(), shape("10g"));
+        let at = link.book(
+            Direction::ToDestination,
+            125_000,
+            &mut Flow::default(),
+            Instant::now(),
+        );
+        // 100 us at 10 Gb/s (not 1 ms at 1 Gb/s), and no credit from before the switch.
+        assert!(at - t0 >= Duration::from_micros(100) && at - t0 < Duration::from_millis(1));
+        // 1 ms of 10 Gb/s is 1.25 MB; the burst (4 ms) is larger.
+        assert_eq!(link.chunk_limit(1 << 30), 1_250_000);
         assert_eq!(link.chunk_limit(1 << 20), 1 << 20);
-        assert_eq!(link.chunk_limit(1 << 30), 5_000_000);
+    }
+
+    #[tokio::test]
+    async fn acquire_waits_until_the_booking() {
+        let link = Link::new(shape("1g"), Duration::ZERO);
+        let t0 = Instant::now();
+        let mut flow = Flow::default();
+        for _ in 0..20 {
+            link.acquire(Direction::ToDestination, 125_000, &mut flow)
+                .await;
+        }
+        // 2.5 MB at 1 Gb/s: never less than 20 ms (the bucket starts empty).
+        assert!(
+            t0.elapsed() >= Duration::from_millis(20),
+            "{:?}",
+            t0.elapsed()
+        );
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::link::{Direction, Link};
+use crate::link::{Direction, Flow, Link};
 
 /// Largest read per chunk. Large reads keep syscall overhead low at 10 Gb/s; the link caps
 /// chunks further at its burst.
@@ -79,6 +79,7 @@ pub async fn pump(
     let mut buf: Vec<u8> = Vec::new();
     let mut total = 0u64;
     let mut delay_line: Option<DelayLine> = None;
+    let mut flow = Flow::default();
     loop {
         let limit = link.chunk_limit(MAX_CHUNK);
         if buf.len() < limit.min(MIN_CHUNK) {
@@ -102,7 +103,7 @@ pub async fn pump(
         tokio::select! {
             biased;
             _ = cancel.cancelled() => return Err(PumpError::Cancelled),
-            _ = link.acquire(dir, n) => {}
+            _ = link.acquire(dir, n, &mut flow) => {}
         }
         let delay = link.delay();
         if delay_line.is_none() && !delay.is_zero() {

@@ -1,0 +1,533 @@
+//! The core benchmark: how accurately and cheaply migshaper emulates a link.
+//!
+//! One invocation runs, interleaved round by round, direct loopback, migshaper unlimited,
+//! 1g and 10g (`--framing none`), each with 1 and 4 bulk streams. Every run also measures
+//! the post-copy pattern: a 64-byte ping sent every 10 ms by the receiver on the reverse
+//! direction of bulk stream 0 and answered inside the bulk stream, and the same ping-pong
+//! on a second, otherwise idle connection of the same route. migshaper runs as its own
+//! process (the real binary), so its CPU time is read from /proc.
+//!
+//! Run: `cargo bench --bench link` (options: `-- --secs 3 --rounds 3 --burst 2ms`).
+//! Prints a Markdown table; figures are means over rounds.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Seconds per run.
+    #[arg(long, default_value_t = 3.0)]
+    secs: f64,
+    /// Rounds; each round runs every configuration once, in turn.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// migshaper's --burst for the shaped routes.
+    #[arg(long, default_value = "2ms")]
+    burst: String,
+    /// Only run configurations whose name contains this.
+    #[arg(long)]
+    only: Option<String>,
+    /// Ignored (cargo bench passes it).
+    #[arg(long)]
+    bench: bool,
+}
+
+/// Application record size of the bulk senders: QEMU's QEMUFile buffer is 32 KiB.
+const RECORD: usize = 32 * 1024;
+const PING_EVERY: Duration = Duration::from_millis(10);
+const TAG_BULK: u8 = 0;
+const TAG_PONG: u8 = 1;
+
+#[derive(Clone)]
+struct Target {
+    name: &'static str,
+    /// Line rate in bits/s (None: no target).
+    rate: Option<f64>,
+    /// Where clients connect.
+    addr: SocketAddr,
+    /// The sink listener behind it.
+    sink: Arc<TcpListener>,
+}
+
+#[derive(Default, Clone)]
+struct RunResult {
+    gbps: f64,
+    max_window: f64,
+    first_window: f64,
+    conn_min_over_mean: f64,
+    ping_inband: Vec<f64>,
+    ping_second: Vec<f64>,
+    cpu_pct: f64,
+}
+
+fn main() {
+    let args = Args::parse();
+    let sinks: Vec<Arc<TcpListener>> = (0..4)
+        .map(|_| Arc::new(TcpListener::bind("127.0.0.1:0").expect("bind sink")))
+        .collect();
+    let (mut child, routes) = start_migshaper(&args, &sinks[1..]);
+    let pid = child.id();
+    let targets = vec![
+        Target {
+            name: "direct loopback",
+            rate: None,
+            addr: sinks[0].local_addr().unwrap(),
+            sink: sinks[0].clone(),
+        },
+        Target {
+            name: "migshaper unlimited",
+            rate: None,
+            addr: routes[0],
+            sink: sinks[1].clone(),
+        },
+        Target {
+            name: "migshaper 1g",
+            rate: Some(1e9),
+            addr: routes[1],
+            sink: sinks[2].clone(),
+        },
+        Target {
+            name: "migshaper 10g",
+            rate: Some(10e9),
+            addr: routes[2],
+            sink: sinks[3].clone(),
+        },
+    ];
+    let mut configs = Vec::new();
+    for t in &targets {
+        for streams in [1usize, 4] {
+            if args.only.as_deref().is_none_or(|o| t.name.contains(o)) {
+                configs.push((t.clone(), streams));
+            }
+        }
+    }
+    let mut results: Vec<Vec<RunResult>> = vec![Vec::new(); configs.len()];
+    for round in 0..args.rounds {
+        for (i, (t, streams)) in configs.iter().enumerate() {
+            let via_proxy = t.name.starts_with("migshaper");
+            let r = run(t, *streams, args.secs, via_proxy.then_some(pid));
+            eprintln!(
+                "round {} {:>20} x{}: {:.3} Gb/s, max100 {:.3}, first100 {:.3}, ping {:.2}/{:.2} ms",
+                round + 1,
+                t.name,
+                streams,
+                r.gbps,
+                r.max_window,
+                r.first_window,
+                pct(&r.ping_inband, 50.0),
+                pct(&r.ping_second, 50.0)
+            );
+            results[i].push(r);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    print_table(&args, &configs, &results);
+}
+
+fn start_migshaper(args: &Args, sinks: &[Arc<TcpListener>]) -> (Child, Vec<SocketAddr>) {
+    let dir = std::env::temp_dir().join(format!("migshaper-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("bench.toml");
+    let mut text = String::new();
+    for (name, link, sink) in [
+        ("unlimited", "unlimited", &sinks[0]),
+        ("g1", "1g", &sinks[1]),
+        ("g10", "10g", &sinks[2]),
+    ] {
+        text += &format!(
+            "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\nlink = \"{link}\"\nframing = \"none\"\nburst = \"{}\"\n\n",
+            sink.local_addr().unwrap(),
+            args.burst
+        );
+    }
+    std::fs::write(&config, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_migshaper"))
+        .args(["serve", "--log-format", "json", "--config"])
+        .arg(&config)
+        .env("MIGSHAPER_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start migshaper (build it with cargo bench, which builds the binary)");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut addrs = [None, None, None];
+    while addrs.iter().any(Option::is_none) {
+        let line = lines
+            .next()
+            .expect("migshaper exited before listening")
+            .unwrap();
+        if !line.contains("\"listening\"") {
+            continue;
+        }
+        let field = |k: &str| {
+            let start = line.find(&format!("\"{k}\":\"")).unwrap() + k.len() + 4;
+            line[start..start + line[start..].find('"').unwrap()].to_string()
+        };
+        let idx = ["unlimited", "g1", "g10"]
+            .iter()
+            .position(|n| *n == field("route"))
+            .unwrap();
+        addrs[idx] = Some(field("listen").parse().unwrap());
+    }
+    // Keep draining stderr so migshaper never blocks on a full pipe.
+    thread::spawn(move || for _ in lines {});
+    (child, addrs.into_iter().map(Option::unwrap).collect())
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the command name.
+    f.get(11).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn now_ns(epoch: Instant) -> u64 {
+    epoch.elapsed().as_nanos() as u64
+}
+
+fn run(t: &Target, streams: usize, secs: f64, pid: Option<u32>) -> RunResult {
+    let dur = Duration::from_secs_f64(secs);
+    let bins_len = (secs * 1000.0) as usize + 1;
+    // Sink side: accept streams + 1 connections, identified by their first byte.
+    let sink = t.sink.clone();
+    let epoch = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acceptor = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut handles = Vec::new();
+            for _ in 0..=streams {
+                let (mut s, _) = sink.accept().unwrap();
+                s.set_nodelay(true).unwrap();
+                let mut role = [0u8; 1];
+                s.read_exact(&mut role).unwrap();
+                let stop = stop.clone();
+                handles.push(thread::spawn(move || match role[0] {
+                    b'0' => SinkOut::Bulk(bulk_receiver(s, epoch, bins_len, true, stop)),
+                    b'1'..=b'9' => SinkOut::Bulk(bulk_receiver(s, epoch, bins_len, false, stop)),
+                    _ => SinkOut::Ping(ping_origin(s, epoch, stop)),
+                }));
+            }
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        })
+    };
+    let cpu0 = pid.map(cpu_ticks);
+    let t0 = Instant::now();
+    let deadline = t0 + dur;
+    // The bins are relative to `epoch`; shift so that run start is bin 0.
+    let offset_ms = (t0 - epoch).as_millis() as usize;
+    let mut senders = Vec::new();
+    for i in 0..streams {
+        let addr = t.addr;
+        senders.push(thread::spawn(move || bulk_sender(addr, i, deadline)));
+    }
+    let echo = {
+        let addr = t.addr;
+        let stop = stop.clone();
+        thread::spawn(move || ping_echo(addr, stop))
+    };
+    for s in senders {
+        s.join().unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    let outs = acceptor.join().unwrap();
+    echo.join().unwrap();
+    let cpu = match (pid, cpu0) {
+        (Some(p), Some(c0)) => (cpu_ticks(p) - c0) as f64 / 100.0 / secs * 100.0,
+        _ => 0.0,
+    };
+    let mut bins = vec![0u64; bins_len];
+    let mut per_conn = Vec::new();
+    let mut inband = Vec::new();
+    let mut second = Vec::new();
+    for o in outs {
+        match o {
+            SinkOut::Bulk(b) => {
+                let mut total = 0;
+                for (i, v) in b.bins.iter().enumerate() {
+                    if i >= offset_ms && i - offset_ms < bins_len {
+                        bins[i - offset_ms] += v;
+                        total += v;
+                    }
+                }
+                per_conn.push(total as f64);
+                inband.extend(b.rtts);
+            }
+            SinkOut::Ping(p) => second.extend(p),
+        }
+    }
+    let total: u64 = bins.iter().take((secs * 1000.0) as usize).sum();
+    let gbps = total as f64 * 8.0 / secs / 1e9;
+    let rate = t.rate.unwrap_or(gbps * 1e9);
+    let win = |from: usize| bins[from..from + 100].iter().sum::<u64>() as f64 * 8.0 / 0.1 / rate;
+    let max_window = (0..(secs * 1000.0) as usize - 100)
+        .map(win)
+        .fold(0.0, f64::max);
+    let mean_conn = per_conn.iter().sum::<f64>() / per_conn.len() as f64;
+    RunResult {
+        gbps,
+        max_window,
+        first_window: win(0),
+        conn_min_over_mean: per_conn.iter().cloned().fold(f64::MAX, f64::min) / mean_conn,
+        ping_inband: inband,
+        ping_second: second,
+        cpu_pct: cpu,
+    }
+}
+
+enum SinkOut {
+    Bulk(BulkOut),
+    Ping(Vec<f64>),
+}
+
+struct BulkOut {
+    bins: Vec<u64>,
+    rtts: Vec<f64>,
+}
+
+/// Sends framed records until the deadline: bulk records, and pongs for the pings that
+/// arrive on the reverse direction (answered inside the bulk stream).
+fn bulk_sender(addr: SocketAddr, i: usize, deadline: Instant) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(&[b'0' + i as u8]).unwrap();
+    let (tx, rx) = mpsc::channel::<[u8; 8]>();
+    let mut rev = s.try_clone().unwrap();
+    let reader = thread::spawn(move || {
+        let mut ping = [0u8; 8];
+        while rev.read_exact(&mut ping).is_ok() {
+            if tx.send(ping).is_err() {
+                break;
+            }
+        }
+    });
+    let mut record = vec![0xA5u8; RECORD];
+    record[0] = TAG_BULK;
+    record[1..5].copy_from_slice(&((RECORD - 5) as u32).to_be_bytes());
+    let mut pong = [0u8; 64];
+    pong[0] = TAG_PONG;
+    pong[1..5].copy_from_slice(&59u32.to_be_bytes());
+    while Instant::now() < deadline {
+        while let Ok(p) = rx.try_recv() {
+            pong[5..13].copy_from_slice(&p);
+            s.write_all(&pong).unwrap();
+        }
+        if s.write_all(&record).is_err() {
+            break;
+        }
+    }
+    let _ = s.shutdown(Shutdown::Write);
+    // The pong reader ends by itself when the receiver closes; don't wait for it here
+    // (the receiver keeps pinging until every sender has finished).
+    drop(reader);
+}
+
+/// Reads the framed bulk stream into 1 ms bins; on stream 0 also sends a ping every 10 ms
+/// on the reverse direction and times the pongs found in the stream.
+fn bulk_receiver(
+    s: TcpStream,
+    epoch: Instant,
+    bins_len: usize,
+    pinger: bool,
+    stop: Arc<AtomicBool>,
+) -> BulkOut {
+    let mut bins = vec![0u64; bins_len + 60_000];
+    let ping_thread = pinger.then(|| {
+        let mut w = s.try_clone().unwrap();
+        let stop = stop.clone();
+        thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                if w.write_all(&now_ns(epoch).to_be_bytes()).is_err() {
+                    break;
+                }
+                thread::sleep(PING_EVERY);
+            }
+            let _ = w.shutdown(Shutdown::Write);
+        })
+    });
+    let mut r = s;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut rtts = Vec::new();
+    // Record parser state: header bytes collected, payload bytes left.
+    let mut hdr = [0u8; 5];
+    let mut hdr_len = 0usize;
+    let mut left = 0usize;
+    let mut is_pong = false;
+    let mut pong_bytes = Vec::new();
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let ms = epoch.elapsed().as_millis() as usize;
+        if ms < bins.len() {
+            bins[ms] += n as u64;
+        }
+        let mut p = &buf[..n];
+        while !p.is_empty() {
+            if left == 0 {
+                let take = (5 - hdr_len).min(p.len());
+                hdr[hdr_len..hdr_len + take].copy_from_slice(&p[..take]);
+                hdr_len += take;
+                p = &p[take..];
+                if hdr_len == 5 {
+                    hdr_len = 0;
+                    is_pong = hdr[0] == TAG_PONG;
+                    left = u32::from_be_bytes(hdr[1..5].try_into().unwrap()) as usize;
+                    pong_bytes.clear();
+                }
+                continue;
+            }
+            let take = left.min(p.len());
+            if is_pong {
+                pong_bytes.extend_from_slice(&p[..take]);
+            }
+            left -= take;
+            p = &p[take..];
+            if left == 0 && is_pong {
+                let sent = u64::from_be_bytes(pong_bytes[..8].try_into().unwrap());
+                rtts.push((now_ns(epoch) - sent) as f64 / 1e6);
+            }
+        }
+    }
+    if let Some(t) = ping_thread {
+        let _ = t.join();
+    }
+    BulkOut { bins, rtts }
+}
+
+/// The second connection's source side: echo every 64-byte ping back immediately.
+fn ping_echo(addr: SocketAddr, stop: Arc<AtomicBool>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(b"P").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let mut b = [0u8; 64];
+    let mut have = 0;
+    loop {
+        match s.read(&mut b[have..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                have += n;
+                if have == 64 {
+                    s.write_all(&b).unwrap();
+                    have = 0;
+                }
+            }
+            Err(_) if !stop.load(Ordering::SeqCst) => continue,
+            Err(_) => break,
+        }
+    }
+    let _ = s.shutdown(Shutdown::Write);
+}
+
+/// The second connection's destination side: ping every 10 ms, time the echo.
+fn ping_origin(mut s: TcpStream, epoch: Instant, stop: Arc<AtomicBool>) -> Vec<f64> {
+    let mut rtts = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    while !stop.load(Ordering::SeqCst) {
+        let mut p = [0u8; 64];
+        p[..8].copy_from_slice(&now_ns(epoch).to_be_bytes());
+        if s.write_all(&p).is_err() {
+            break;
+        }
+        if s.read_exact(&mut p).is_err() {
+            break;
+        }
+        rtts.push((now_ns(epoch) - u64::from_be_bytes(p[..8].try_into().unwrap())) as f64 / 1e6);
+        thread::sleep(PING_EVERY);
+    }
+    let _ = s.shutdown(Shutdown::Write);
+    rtts
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s[((p / 100.0) * (s.len() - 1) as f64).round() as usize]
+}
+
+fn mean(v: impl Iterator<Item = f64>) -> f64 {
+    let v: Vec<f64> = v.collect();
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+fn print_table(args: &Args, configs: &[(Target, usize)], results: &[Vec<RunResult>]) {
+    println!(
+        "\nmigshaper link benchmark: {} rounds x {} s per run, burst {}, framing none, {} cores\n",
+        args.rounds,
+        args.secs,
+        args.burst,
+        thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "| configuration | streams | Gb/s | mean/target | max 100 ms/target | first 100 ms/target | conn min/mean | in-band ping p50 / p99 (ms) | 2nd-conn ping p50 / p99 (ms) | proxy CPU % | CPU %/(Gb/s) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let direct1 = configs
+        .iter()
+        .zip(results)
+        .find(|((t, s), _)| t.name == "direct loopback" && *s == 1)
+        .map(|(_, r)| mean(r.iter().map(|x| x.gbps)));
+    for ((t, streams), rs) in configs.iter().zip(results) {
+        let gbps = mean(rs.iter().map(|r| r.gbps));
+        // Unshaped runs have no target: their peaks are shown against their own mean,
+        // which is the measurement's noise floor on this machine.
+        let ratio = |f: &dyn Fn(&RunResult) -> f64| match t.rate {
+            Some(_) => format!("{:.4}", mean(rs.iter().map(f))),
+            None => format!("({:.3} of mean)", mean(rs.iter().map(f))),
+        };
+        let mean_t = match t.rate {
+            Some(rate) => format!("{:.4}", gbps * 1e9 / rate),
+            None => match direct1 {
+                Some(d) if t.name != "direct loopback" => format!("{:.3}x direct", gbps / d),
+                _ => "-".into(),
+            },
+        };
+        let inband: Vec<f64> = rs.iter().flat_map(|r| r.ping_inband.clone()).collect();
+        let second: Vec<f64> = rs.iter().flat_map(|r| r.ping_second.clone()).collect();
+        let cpu = mean(rs.iter().map(|r| r.cpu_pct));
+        let via_proxy = t.name.starts_with("migshaper");
+        println!(
+            "| {} | {} | {:.3} | {} | {} | {} | {:.3} | {:.2} / {:.2} | {:.2} / {:.2} | {} | {} |",
+            t.name,
+            streams,
+            gbps,
+            mean_t,
+            ratio(&|r| r.max_window),
+            ratio(&|r| r.first_window),
+            mean(rs.iter().map(|r| r.conn_min_over_mean)),
+            pct(&inband, 50.0),
+            pct(&inband, 99.0),
+            pct(&second, 50.0),
+            pct(&second, 99.0),
+            if via_proxy {
+                format!("{cpu:.1}")
+            } else {
+                "-".into()
+            },
+            if via_proxy {
+                format!("{:.2}", cpu / gbps)
+            } else {
+                "-".into()
+            },
+        );
+    }
+}
