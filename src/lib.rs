@@ -13,6 +13,7 @@
 //! | [`link`] | the shared full-duplex link: one sans-IO [`link::TokenBucket`] per direction, a delay |
 //! | [`proxy`] | accept loop, in-order upstream connector, one pump task per direction |
 //! | [`app`] | bind every route, run, drain on shutdown |
+//! | [`qemu`] | sans-IO parser of the QEMU migration stream, return path and multifd channels: channel kind, phases, QEMU's own RAM counters (not yet wired into the proxy) |
 //!
 //! # Data flow
 //! 1. `main` parses [`cli::Cli`] into a [`config::Config`], binds every route
@@ -36,6 +37,7 @@ pub mod cli;
 pub mod config;
 pub mod link;
 pub mod proxy;
+pub mod qemu;
 pub mod spec;
 
 /// Resolves on SIGINT or SIGTERM.

@@ -400,11 +400,16 @@ fn cli_config_errors_exit_2_naming_file_key_and_value() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Starts the real binary with JSON logs and returns it with its bound listen address.
+/// Starts the real binary with JSON logs; returns it, its bound listen address, and its
+/// log lines.
 fn spawn_serve(
     upstream: std::net::SocketAddr,
     extra: &[&str],
-) -> (std::process::Child, std::net::SocketAddr) {
+) -> (
+    std::process::Child,
+    std::net::SocketAddr,
+    std::sync::mpsc::Receiver<String>,
+) {
     use std::io::BufRead;
     let mut child = migshaper()
         .args([
@@ -432,8 +437,23 @@ fn spawn_serve(
             break rest[..rest.find('"').unwrap()].parse().unwrap();
         }
     };
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    (child, addr, rx)
+}
+
+/// Waits for a log line containing `needle`.
+fn wait_log(logs: &std::sync::mpsc::Receiver<String>, needle: &str) -> String {
+    loop {
+        let l = logs.recv_timeout(WAIT).expect("log line never came");
+        if l.contains(needle) {
+            return l;
+        }
+    }
 }
 
 fn sigterm(child: &std::process::Child) {
@@ -459,19 +479,18 @@ fn wait_exit(child: &mut std::process::Child) -> (std::process::ExitStatus, Dura
 fn sigterm_stops_accepting_and_drains_open_connections() {
     use std::io::{Read, Write};
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let (mut child, addr) = spawn_serve(upstream.local_addr().unwrap(), &[]);
+    let (mut child, addr, logs) = spawn_serve(upstream.local_addr().unwrap(), &[]);
     let mut c = std::net::TcpStream::connect(addr).unwrap();
     let (mut d, _) = upstream.accept().unwrap();
     c.write_all(b"before").unwrap();
     let mut b = [0u8; 6];
     d.read_exact(&mut b).unwrap();
     sigterm(&child);
-    // New connections are refused once the listener is closed...
-    let t = Instant::now();
-    while std::net::TcpStream::connect(addr).is_ok() {
-        assert!(t.elapsed() < WAIT, "still accepting after SIGTERM");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // New connections are refused once the listener is closed (probing earlier would
+    // open a real connection that the drain then waits for)...
+    wait_log(&logs, "stopped accepting");
+    let refused = std::net::TcpStream::connect(addr).unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     // ...while the open one keeps flowing both ways until it closes.
     c.write_all(b"after!").unwrap();
     d.read_exact(&mut b).unwrap();
@@ -493,7 +512,7 @@ fn sigterm_stops_accepting_and_drains_open_connections() {
 fn the_drain_timeout_closes_what_is_left_and_exits_0() {
     use std::io::Read;
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let (mut child, addr) = spawn_serve(
+    let (mut child, addr, logs) = spawn_serve(
         upstream.local_addr().unwrap(),
         &["--drain-timeout", "300ms"],
     );
@@ -506,6 +525,7 @@ fn the_drain_timeout_closes_what_is_left_and_exits_0() {
         took >= Duration::from_millis(250),
         "exited after {took:?}, before the drain timeout"
     );
+    wait_log(&logs, "drain timeout expired");
     // The idle connection was closed, not left hanging.
     let mut b = [0u8; 1];
     c.set_read_timeout(Some(WAIT)).unwrap();

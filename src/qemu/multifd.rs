@@ -1,0 +1,340 @@
+//! Multifd channels (doc §7): a 64-byte initial packet, then packets of a fixed-size header
+//! (320 + 8·524288/P bytes for RAM, 276 for device state) and a payload skipped by count.
+//!
+//! Multifd packets carry no phase markers: their bytes go to the phase the owner sets with
+//! `StreamParser::follow_phase`.
+
+use super::wire::*;
+use super::{Core, DesyncReason, EventKind, MAX_HEADER_BYTES};
+
+/// A multifd RAM packet that carried pages, as reported by [`EventKind::MultifdPacket`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MultifdPacket {
+    /// QEMU's packet number (global across the channels of one migration).
+    pub packet_num: u64,
+    /// Hash of the RAMBlock name (FNV-1a), to compare blocks across channels.
+    pub block: u64,
+    /// Normal pages in the packet.
+    pub normal_pages: u32,
+    /// Offset of the first normal page in its block.
+    pub first_offset: u64,
+    /// Offset of the last normal page in its block.
+    pub last_offset: u64,
+}
+
+/// Number of recent packets a [`MultifdLedger`] remembers.
+const LEDGER_SLOTS: usize = 256;
+
+/// Cross-channel view of multifd packets, to rebuild QEMU's `normal` counter exactly.
+///
+/// QEMU 7.2 sometimes puts the last page of packet n again at the head of packet n+1
+/// (20 of 13658 pages in the multifd capture). Its `multifd-bytes` counts both copies, its
+/// `normal` counter only one. Packets of one migration are numbered across all channels, so
+/// this repetition is visible only to an observer of every channel: feed it every
+/// [`EventKind::MultifdPacket`] of a migration and subtract [`MultifdLedger::repeated_pages`]
+/// from the summed `normal_pages`. Fixed size: remembers the last 256 packet numbers.
+#[derive(Debug, Clone)]
+pub struct MultifdLedger {
+    slots: [Option<MultifdPacket>; LEDGER_SLOTS],
+    repeated: u64,
+}
+
+impl Default for MultifdLedger {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MultifdLedger {
+    /// An empty ledger.
+    pub fn new() -> Self {
+        MultifdLedger {
+            slots: [None; LEDGER_SLOTS],
+            repeated: 0,
+        }
+    }
+
+    fn slot(&self, num: u64) -> Option<&MultifdPacket> {
+        self.slots[(num % LEDGER_SLOTS as u64) as usize]
+            .as_ref()
+            .filter(|p| p.packet_num == num)
+    }
+
+    /// Records one packet, from any channel, in any order.
+    pub fn record(&mut self, p: &MultifdPacket) {
+        if p.normal_pages == 0 {
+            return;
+        }
+        if let Some(prev) = p.packet_num.checked_sub(1).and_then(|n| self.slot(n)) {
+            if prev.block == p.block && prev.last_offset == p.first_offset {
+                self.repeated += 1;
+            }
+        }
+        if let Some(next) = p.packet_num.checked_add(1).and_then(|n| self.slot(n)) {
+            if next.block == p.block && p.last_offset == next.first_offset {
+                self.repeated += 1;
+            }
+        }
+        self.slots[(p.packet_num % LEDGER_SLOTS as u64) as usize] = Some(*p);
+    }
+
+    /// Pages sent at the head of a packet right after being the tail of the previous one.
+    pub fn repeated_pages(&self) -> u64 {
+        self.repeated
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hdr {
+    Init,
+    /// Magic, version, flags.
+    Common,
+    /// The rest of the fixed RAM header (up to 320 bytes).
+    Ram,
+    /// The rest of the device-state header (up to 276 bytes).
+    DeviceState,
+    /// The first normal page's offset.
+    FirstOffset,
+    /// The last normal page's offset.
+    LastOffset,
+}
+
+/// What follows a counted skip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum After {
+    LastOffset,
+    PacketEnd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum St {
+    Need(usize, Hdr),
+    Skip(u64, After),
+    Opaque,
+}
+
+/// The multifd channel parser.
+#[derive(Debug)]
+pub(super) struct MultifdParser {
+    st: St,
+    pos: u64,
+    unit: u64,
+    buf: [u8; MAX_HEADER_BYTES],
+    blen: usize,
+    page_size: u32,
+    /// Whether `page_size` was given (or learned from a header) rather than assumed.
+    page_known: bool,
+    flags: u32,
+    /// Start of the packet being parsed, for the byte counter.
+    packet_start: u64,
+    /// The RAM packet being parsed.
+    packet: MultifdPacket,
+    /// Bytes after the last normal page's offset: the rest of the array and the payload.
+    tail: u64,
+}
+
+impl MultifdParser {
+    pub(super) fn new(page_hint: Option<u32>) -> Self {
+        MultifdParser {
+            st: St::Need(MULTIFD_INIT_LEN, Hdr::Init),
+            pos: 0,
+            unit: 0,
+            buf: [0; MAX_HEADER_BYTES],
+            blen: 0,
+            page_size: page_hint.unwrap_or(DEFAULT_PAGE_SIZE),
+            page_known: page_hint.is_some(),
+            flags: 0,
+            packet_start: 0,
+            packet: MultifdPacket {
+                packet_num: 0,
+                block: 0,
+                normal_pages: 0,
+                first_offset: 0,
+                last_offset: 0,
+            },
+            tail: 0,
+        }
+    }
+
+    pub(super) fn set_page_size_hint(&mut self, p: u32) {
+        self.page_size = p;
+        self.page_known = true;
+    }
+
+    /// Whether the channel stands between two packets.
+    pub(super) fn at_boundary(&self) -> bool {
+        matches!(self.st, St::Need(_, Hdr::Common) | St::Opaque) && self.blen == 0
+    }
+
+    fn page_count(&self) -> u64 {
+        MULTIFD_PACKET_SIZE / u64::from(self.page_size)
+    }
+
+    pub(super) fn feed(&mut self, core: &mut Core, data: &[u8]) {
+        let mut i = 0;
+        while i < data.len() {
+            let d = &data[i..];
+            i += match self.st {
+                St::Opaque => {
+                    core.stats.opaque_bytes += d.len() as u64;
+                    self.pos += d.len() as u64;
+                    d.len()
+                }
+                St::Skip(left, after) => {
+                    let take = left.min(d.len() as u64);
+                    self.pos += take;
+                    if take == left {
+                        self.after_skip(core, after);
+                    } else {
+                        self.st = St::Skip(left - take, after);
+                    }
+                    take as usize
+                }
+                St::Need(n, h) => {
+                    let take = (n - self.blen).min(d.len());
+                    self.buf[self.blen..self.blen + take].copy_from_slice(&d[..take]);
+                    self.blen += take;
+                    self.pos += take as u64;
+                    if self.blen == n {
+                        self.on_hdr(core, h);
+                    }
+                    take
+                }
+            };
+        }
+        core.attribute(self.pos);
+    }
+
+    fn go_opaque(&mut self, core: &mut Core, reason: DesyncReason) {
+        core.stats.opaque_bytes += self.pos - self.unit;
+        core.desync(self.unit, reason);
+        self.st = St::Opaque;
+        self.blen = 0;
+    }
+
+    fn next_packet(&mut self) {
+        self.blen = 0;
+        self.unit = self.pos;
+        self.packet_start = self.pos;
+        self.st = St::Need(12, Hdr::Common);
+    }
+
+    fn skip(&mut self, core: &mut Core, n: u64, after: After) {
+        self.blen = 0;
+        self.st = St::Skip(n, after);
+        if n == 0 {
+            self.after_skip(core, after);
+        }
+    }
+
+    fn after_skip(&mut self, core: &mut Core, after: After) {
+        match after {
+            After::LastOffset => {
+                self.blen = 0;
+                self.st = St::Need(8, Hdr::LastOffset);
+            }
+            After::PacketEnd => self.packet_done(core),
+        }
+    }
+
+    fn packet_done(&mut self, core: &mut Core) {
+        core.stats.ram.multifd_bytes += self.pos - self.packet_start;
+        core.stats.ram.multifd_packets += 1;
+        self.next_packet();
+    }
+
+    fn on_hdr(&mut self, core: &mut Core, h: Hdr) {
+        let b = &self.buf;
+        let be32 = |o: usize| u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        match h {
+            Hdr::Init => {
+                if be32(0) != MULTIFD_MAGIC || be32(4) != MULTIFD_VERSION {
+                    self.go_opaque(core, DesyncReason::BadMultifdPacket);
+                } else {
+                    self.next_packet();
+                }
+            }
+            Hdr::Common => {
+                let (magic, version, flags) = (be32(0), be32(4), be32(8));
+                if magic != MULTIFD_MAGIC || version != MULTIFD_VERSION {
+                    self.go_opaque(core, DesyncReason::BadMultifdPacket);
+                    return;
+                }
+                self.flags = flags;
+                if flags & MULTIFD_FLAG_DEVICE_STATE != 0 {
+                    self.st = St::Need(MULTIFD_DEVICE_STATE_HDR_LEN, Hdr::DeviceState);
+                } else {
+                    self.st = St::Need(MULTIFD_PACKET_FIXED_LEN, Hdr::Ram);
+                }
+            }
+            Hdr::DeviceState => {
+                let size = be32(272);
+                self.skip(core, u64::from(size), After::PacketEnd);
+            }
+            Hdr::FirstOffset | Hdr::LastOffset => {
+                let off = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+                let n = u64::from(self.packet.normal_pages);
+                if h == Hdr::FirstOffset {
+                    self.packet.first_offset = off;
+                    if n >= 2 {
+                        self.skip(core, 8 * (n - 2), After::LastOffset);
+                        return;
+                    }
+                }
+                self.packet.last_offset = off;
+                core.push(self.packet_start, EventKind::MultifdPacket(self.packet));
+                self.skip(core, self.tail, After::PacketEnd);
+            }
+            Hdr::Ram => {
+                let (pages_alloc, normal, next_size, zero) =
+                    (be32(12), be32(16), be32(20), be32(32));
+                if !self.page_known
+                    && pages_alloc.is_power_of_two()
+                    && (8..=512).contains(&pages_alloc)
+                {
+                    // 7.2-9.x: pages_alloc is the packet's page count, so it gives P.
+                    self.page_size = (MULTIFD_PACKET_SIZE / u64::from(pages_alloc)) as u32;
+                    self.page_known = true;
+                }
+                let count = self.page_count();
+                let used = u64::from(normal) + u64::from(zero);
+                let compressed = self.flags & MULTIFD_FLAG_COMPRESSION_MASK != 0;
+                let max_payload = count * u64::from(self.page_size);
+                // QEMU reads a payload only for packets with normal pages (7.2 leaves a stale
+                // next_packet_size in empty SYNC packets).
+                let payload = if normal == 0 {
+                    0
+                } else if compressed {
+                    u64::from(next_size)
+                } else {
+                    u64::from(normal) * u64::from(self.page_size)
+                };
+                if used > count || payload > 2 * max_payload + 4096 {
+                    self.go_opaque(core, DesyncReason::BadMultifdPacket);
+                    return;
+                }
+                core.stats.ram.normal_pages += u64::from(normal);
+                core.stats.ram.zero_pages += u64::from(zero);
+                let name = &b[64..MULTIFD_PACKET_FIXED_LEN];
+                let name_len = name.iter().position(|&c| c == 0).unwrap_or(name.len());
+                self.packet = MultifdPacket {
+                    packet_num: u64::from_be_bytes([
+                        b[24], b[25], b[26], b[27], b[28], b[29], b[30], b[31],
+                    ]),
+                    block: super::parser::name_hash(&name[..name_len]),
+                    normal_pages: normal,
+                    first_offset: 0,
+                    last_offset: 0,
+                };
+                // Offsets of the normal pages come first in the array.
+                self.tail = 8 * (count - u64::from(normal)) + payload;
+                if normal == 0 {
+                    self.skip(core, self.tail, After::PacketEnd);
+                } else {
+                    self.blen = 0;
+                    self.st = St::Need(8, Hdr::FirstOffset);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! The return path: destination→source messages on the main connection (doc §6).
+//!
+//! Each message is be16 type, be16 length (≤ 512), payload. RECV_BITMAP is followed, outside
+//! that framing, by be64 size S, S bytes of bitmap (skipped by count) and a be64 end mark.
+//! Every byte belongs to [`Phase::ReturnPath`].
+
+use std::time::Instant;
+
+use super::wire::*;
+use super::{Core, DesyncReason, Event, EventKind, MAX_HEADER_BYTES, Outcome, Phase, Stats};
+
+/// Largest RECV_BITMAP the parser accepts: one bit per page of 2^40 pages.
+const MAX_BITMAP_BYTES: u64 = 1 << 37;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hdr {
+    Msg,
+    Body(u16),
+    BitmapSize,
+    BitmapEnd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum St {
+    Need(usize, Hdr),
+    Skip(u64),
+    Opaque,
+}
+
+/// Parser for the destination→source bytes of the main connection.
+#[derive(Debug)]
+pub struct ReturnPathParser {
+    core: Core,
+    st: St,
+    pos: u64,
+    unit: u64,
+    buf: [u8; MAX_HEADER_BYTES],
+    blen: usize,
+    shut: Option<u32>,
+}
+
+impl Default for ReturnPathParser {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ReturnPathParser {
+    /// A parser for a new return path.
+    pub fn new() -> Self {
+        ReturnPathParser {
+            core: Core::new(Phase::ReturnPath),
+            st: St::Need(4, Hdr::Msg),
+            pos: 0,
+            unit: 0,
+            buf: [0; MAX_HEADER_BYTES],
+            blen: 0,
+            shut: None,
+        }
+    }
+
+    /// Feeds the next destination→source bytes, in order.
+    pub fn feed(&mut self, bytes: &[u8], now: Instant) {
+        if bytes.is_empty() || self.core.finished {
+            return;
+        }
+        self.core.now = Some(now);
+        self.core.stats.total_bytes += bytes.len() as u64;
+        let mut i = 0;
+        while i < bytes.len() {
+            let d = &bytes[i..];
+            i += match self.st {
+                St::Opaque => {
+                    self.core.stats.opaque_bytes += d.len() as u64;
+                    self.pos += d.len() as u64;
+                    d.len()
+                }
+                St::Skip(left) => {
+                    let take = left.min(d.len() as u64);
+                    self.pos += take;
+                    if left == take {
+                        self.need(8, Hdr::BitmapEnd);
+                    } else {
+                        self.st = St::Skip(left - take);
+                    }
+                    take as usize
+                }
+                St::Need(n, h) => {
+                    let take = (n - self.blen).min(d.len());
+                    self.buf[self.blen..self.blen + take].copy_from_slice(&d[..take]);
+                    self.blen += take;
+                    self.pos += take as u64;
+                    if self.blen == n {
+                        self.blen = 0;
+                        self.on_hdr(h, n);
+                    }
+                    take
+                }
+            };
+        }
+        let total = self.core.stats.total_bytes;
+        self.core.attribute(total);
+    }
+
+    fn need(&mut self, n: usize, h: Hdr) {
+        self.blen = 0;
+        self.unit = self.pos;
+        if n == 0 {
+            self.on_hdr(h, 0);
+        } else {
+            self.st = St::Need(n, h);
+        }
+    }
+
+    fn go_opaque(&mut self, reason: DesyncReason) {
+        self.core.stats.opaque_bytes += self.pos.saturating_sub(self.unit);
+        self.core.desync(self.unit, reason);
+        self.st = St::Opaque;
+    }
+
+    fn on_hdr(&mut self, h: Hdr, n: usize) {
+        let b = &self.buf;
+        match h {
+            Hdr::Msg => {
+                let kind = u16::from_be_bytes([b[0], b[1]]);
+                let len = u16::from_be_bytes([b[2], b[3]]);
+                let ok = match kind {
+                    MIG_RP_MSG_SHUT | MIG_RP_MSG_PONG | MIG_RP_MSG_RESUME_ACK => len == 4,
+                    MIG_RP_MSG_REQ_PAGES => len == 12,
+                    MIG_RP_MSG_REQ_PAGES_ID => (14..=13 + 255).contains(&len),
+                    MIG_RP_MSG_RECV_BITMAP => (2..=256).contains(&len),
+                    MIG_RP_MSG_SWITCHOVER_ACK => len == 0,
+                    _ => false,
+                };
+                if self.shut.is_some() {
+                    self.go_opaque(DesyncReason::AfterEnd);
+                } else if !ok || len > MIG_RP_MAX_LEN {
+                    self.go_opaque(DesyncReason::BadRpMessage { kind, len });
+                } else {
+                    let start = self.unit;
+                    self.need(usize::from(len), Hdr::Body(kind));
+                    self.unit = start;
+                }
+            }
+            Hdr::Body(kind) => {
+                let at = self.unit;
+                let v32 = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                match kind {
+                    MIG_RP_MSG_SHUT => {
+                        self.shut = Some(v32);
+                        self.core.push(at, EventKind::Shut(v32));
+                    }
+                    MIG_RP_MSG_PONG => self.core.push(at, EventKind::Pong(v32)),
+                    MIG_RP_MSG_REQ_PAGES | MIG_RP_MSG_REQ_PAGES_ID => {
+                        let len = u32::from_be_bytes([b[8], b[9], b[10], b[11]]);
+                        if kind == MIG_RP_MSG_REQ_PAGES_ID && usize::from(b[12]) + 13 != n {
+                            self.go_opaque(DesyncReason::BadRpMessage {
+                                kind,
+                                len: n as u16,
+                            });
+                            return;
+                        }
+                        self.core.stats.ram.page_requests += 1;
+                        self.core.push(at, EventKind::PageRequest { len });
+                    }
+                    MIG_RP_MSG_RECV_BITMAP => {
+                        self.need(8, Hdr::BitmapSize);
+                        return;
+                    }
+                    _ => {}
+                }
+                self.need(4, Hdr::Msg);
+            }
+            Hdr::BitmapSize => {
+                let size = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+                if size % 8 != 0 || size > MAX_BITMAP_BYTES {
+                    self.go_opaque(DesyncReason::BadBitmapTrailer);
+                } else if size == 0 {
+                    self.need(8, Hdr::BitmapEnd);
+                } else {
+                    self.st = St::Skip(size);
+                }
+            }
+            Hdr::BitmapEnd => {
+                let mark = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+                if mark != RAMBLOCK_RECV_BITMAP_ENDING {
+                    self.go_opaque(DesyncReason::BadBitmapTrailer);
+                } else {
+                    self.need(4, Hdr::Msg);
+                }
+            }
+        }
+    }
+
+    /// The return path closed: settles the [`Outcome`].
+    pub fn finish(&mut self, now: Instant) {
+        if self.core.finished {
+            return;
+        }
+        self.core.now = Some(now);
+        self.core.finished = true;
+        self.core.stats.unattributed_bytes = 0;
+    }
+
+    /// Always [`Phase::ReturnPath`].
+    pub fn phase(&self) -> Phase {
+        self.core.phase
+    }
+
+    /// Counters and tallies so far (`ram.page_requests` is QEMU's postcopy-requests).
+    pub fn stats(&self) -> &Stats {
+        &self.core.stats
+    }
+
+    /// The next queued event, oldest first.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.core.events.pop_front()
+    }
+
+    /// The SHUT code, once seen.
+    pub fn shut_code(&self) -> Option<u32> {
+        self.shut
+    }
+
+    /// How the return path ended: SHUT 0 is [`Outcome::Completed`], a non-zero SHUT is
+    /// [`Outcome::Failed`]; closing without SHUT or mid-message is [`Outcome::Truncated`].
+    pub fn outcome(&self) -> Outcome {
+        if let Some(reason) = self.core.desync {
+            return Outcome::Opaque(reason);
+        }
+        if !self.core.finished {
+            return Outcome::Running;
+        }
+        if self.core.stats.total_bytes == 0 {
+            return Outcome::Empty;
+        }
+        let boundary = self.st == St::Need(4, Hdr::Msg) && self.blen == 0;
+        match self.shut {
+            Some(0) if boundary => Outcome::Completed,
+            Some(code) if code != 0 => Outcome::Failed { code },
+            _ => Outcome::Truncated,
+        }
+    }
+}
