@@ -75,6 +75,9 @@ pub struct ServeArgs {
     /// How long open connections may finish after SIGINT/SIGTERM before they are closed.
     #[arg(long, default_value_t = HumanDuration(DEFAULT_DRAIN_TIMEOUT))]
     pub drain_timeout: HumanDuration,
+    /// Append one JSON line per finished migration to this file.
+    #[arg(long)]
+    pub records: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -92,6 +95,9 @@ impl ServeArgs {
             }
             if self.drain_timeout.0 != DEFAULT_DRAIN_TIMEOUT {
                 c.drain_timeout = self.drain_timeout.0;
+            }
+            if self.records.is_some() {
+                c.records = self.records.clone();
             }
             return Ok(c);
         }
@@ -112,6 +118,7 @@ impl ServeArgs {
             connect_timeout: Duration::ZERO,
             drain_timeout: Duration::ZERO,
             source: None,
+            records: self.records.clone(),
         };
         timeouts(&mut c);
         c.validate("command line")?;

@@ -86,6 +86,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// The file the routes came from, if any (re-read on SIGHUP).
     pub source: Option<PathBuf>,
+    /// Where finished migrations are appended as JSON lines, if anywhere.
+    pub records: Option<PathBuf>,
 }
 
 // === TOML schema ===
@@ -95,6 +97,7 @@ pub struct Config {
 struct FileConfig {
     connect_timeout: Option<HumanDuration>,
     drain_timeout: Option<HumanDuration>,
+    records: Option<PathBuf>,
     #[serde(default)]
     route: Vec<FileRoute>,
 }
@@ -153,6 +156,7 @@ impl Config {
                 .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
             drain_timeout: file.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
             source: Some(path.to_path_buf()),
+            records: file.records,
         };
         config.validate(&origin)?;
         Ok(config)

@@ -50,6 +50,7 @@ pub fn config(routes: Vec<RouteConfig>) -> Config {
         connect_timeout: Duration::from_secs(5),
         drain_timeout: Duration::from_secs(5),
         source: None,
+        records: None,
     }
 }
 
