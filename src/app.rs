@@ -12,7 +12,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{Config, RouteConfig, parse_listen};
+use std::sync::Arc;
+
 use crate::link::Link;
+use crate::migration::{RecordSink, RouteAccounting};
 use crate::proxy::{self, Route};
 use crate::spec::{LinkRate, format_bits};
 
@@ -28,6 +31,16 @@ pub enum StartError {
         addr: String,
         /// What is wrong.
         reason: String,
+    },
+    /// The records file cannot be opened for appending.
+    #[error(
+        "cannot open the records file {path}: {source} (check the directory exists and is writable)"
+    )]
+    Records {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
     },
     /// Binding failed (port in use, permission denied, address not on this host).
     #[error(
@@ -66,9 +79,18 @@ pub struct RouteHandle {
 impl Server {
     /// Binds every route of `config`; fails without listening on anything if one fails.
     pub fn bind(config: &Config) -> Result<Server, StartError> {
+        let sink = match &config.records {
+            Some(path) => Some(Arc::new(RecordSink::open(path).map_err(|source| {
+                StartError::Records {
+                    path: path.clone(),
+                    source,
+                }
+            })?)),
+            None => None,
+        };
         let mut routes = Vec::with_capacity(config.routes.len());
         for r in &config.routes {
-            routes.push(bind_route(r, config.connect_timeout)?);
+            routes.push(bind_route(r, config.connect_timeout, sink.clone())?);
         }
         Ok(Server {
             routes,
@@ -120,7 +142,11 @@ impl Server {
     }
 }
 
-fn bind_route(r: &RouteConfig, connect_timeout: Duration) -> Result<Route, StartError> {
+fn bind_route(
+    r: &RouteConfig,
+    connect_timeout: Duration,
+    sink: Option<Arc<RecordSink>>,
+) -> Result<Route, StartError> {
     let addr = parse_listen(&r.listen).map_err(|reason| StartError::Address {
         route: r.name.clone(),
         addr: r.listen.clone(),
@@ -131,12 +157,15 @@ fn bind_route(r: &RouteConfig, connect_timeout: Duration) -> Result<Route, Start
         addr,
         source,
     })?;
+    let link = Link::new(r.shape, r.delay);
+    let accounting = Arc::new(RouteAccounting::new(r.name.clone(), link.clone(), sink));
     Ok(Route::new(
         r.name.clone(),
         listener,
         r.upstream.clone(),
-        Link::new(r.shape, r.delay),
+        link,
         connect_timeout,
+        accounting,
     ))
 }
 

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::link::{Direction, Link};
+use crate::migration::{ForwardTap, ReverseTap, RouteAccounting, connection_ended};
 use pump::{PumpError, pump};
 
 /// Accepted connections queued for the connector before the accept loop waits.
@@ -35,6 +36,8 @@ pub struct Route {
     pub link: Link,
     /// Upstream connect timeout.
     pub connect_timeout: Duration,
+    /// The route's migrations.
+    pub accounting: Arc<RouteAccounting>,
     listener: TcpListener,
 }
 
@@ -63,12 +66,14 @@ impl Route {
         upstream: String,
         link: Link,
         connect_timeout: Duration,
+        accounting: Arc<RouteAccounting>,
     ) -> Self {
         Route {
             name,
             upstream,
             link,
             connect_timeout,
+            accounting,
             listener,
         }
     }
@@ -91,6 +96,7 @@ impl Route {
             upstream,
             link,
             connect_timeout,
+            accounting,
             listener,
         } = self;
         let (tx, rx) = mpsc::channel::<(TcpStream, SocketAddr)>(CONNECT_QUEUE);
@@ -99,6 +105,7 @@ impl Route {
             upstream,
             link,
             connect_timeout,
+            accounting,
             kill,
             tracker: tracker.clone(),
         };
@@ -138,6 +145,7 @@ struct Connector {
     upstream: String,
     link: Link,
     connect_timeout: Duration,
+    accounting: Arc<RouteAccounting>,
     kill: CancellationToken,
     tracker: TaskTracker,
 }
@@ -158,6 +166,8 @@ impl Connector {
             {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
+                    self.accounting
+                        .connect_failed(format!("connect to {}: {e}", self.upstream));
                     span.in_scope(|| {
                         warn!(upstream = %self.upstream, error = %e, "upstream connect failed; closing the client connection (check that the destination is listening)")
                     });
@@ -165,6 +175,10 @@ impl Connector {
                     continue;
                 }
                 Err(_) => {
+                    self.accounting.connect_failed(format!(
+                        "connect to {} timed out after {:?}",
+                        self.upstream, self.connect_timeout
+                    ));
                     span.in_scope(|| {
                         warn!(upstream = %self.upstream, timeout = ?self.connect_timeout, "upstream connect timed out; closing the client connection (check the route to the destination)")
                     });
@@ -173,11 +187,15 @@ impl Connector {
                 }
             };
             limit_receive_buffer(&client, &self.link);
+            let (migration, main) = self.accounting.attach();
             let conn = Connection {
                 client: Arc::new(client),
                 upstream: Arc::new(upstream),
                 link: self.link.clone(),
                 cancel: self.kill.child_token(),
+                kill: self.kill.clone(),
+                fwd_tap: ForwardTap::new(migration.clone(), main),
+                rev_tap: ReverseTap::new(migration, main),
             };
             self.tracker
                 .spawn(conn.run(self.tracker.clone()).instrument(span));
@@ -236,62 +254,95 @@ struct Connection {
     upstream: Arc<TcpStream>,
     link: Link,
     cancel: CancellationToken,
+    kill: CancellationToken,
+    fwd_tap: ForwardTap,
+    rev_tap: ReverseTap,
 }
 
 impl Connection {
     async fn run(self, tracker: TaskTracker) {
-        let _ = self.client.set_nodelay(true);
-        debug!(local = ?self.upstream.local_addr().ok(), "connected upstream");
+        let Connection {
+            client,
+            upstream,
+            link,
+            cancel,
+            kill,
+            fwd_tap,
+            rev_tap,
+        } = self;
+        let _ = client.set_nodelay(true);
+        debug!(local = ?upstream.local_addr().ok(), "connected upstream");
         let span = tracing::Span::current();
         let fwd = tracker.spawn(
             pump(
-                self.client.clone(),
-                self.upstream.clone(),
-                self.link.clone(),
+                client.clone(),
+                upstream.clone(),
+                link.clone(),
                 Direction::ToDestination,
-                self.cancel.clone(),
-                (),
+                cancel.clone(),
+                fwd_tap,
             )
             .instrument(span.clone()),
         );
         let rev = tracker.spawn(
             pump(
-                self.upstream.clone(),
-                self.client.clone(),
-                self.link.clone(),
+                upstream.clone(),
+                client.clone(),
+                link,
                 Direction::ToSource,
-                self.cancel.clone(),
-                (),
+                cancel.clone(),
+                rev_tap,
             )
             .instrument(span),
         );
-        let (fwd, rev) = tokio::join!(self.watch(fwd), self.watch(rev));
-        match (fwd, rev) {
-            (Some(to_dst), Some(to_src)) => {
+        let sockets = (&client, &upstream, &cancel);
+        let ((fwd_r, fwd_tap), (rev_r, rev_tap)) =
+            tokio::join!(watch(fwd, sockets), watch(rev, sockets));
+        let failure = match (&fwd_r, &rev_r) {
+            (Ok(to_dst), Ok(to_src)) => {
                 info!(
                     to_destination = to_dst,
                     to_source = to_src,
                     "connection closed"
-                )
-            }
-            _ => info!("connection aborted"),
-        }
-    }
-
-    /// Awaits one direction; on failure resets both sockets and cancels the other one.
-    async fn watch(&self, task: tokio::task::JoinHandle<Result<u64, PumpError>>) -> Option<u64> {
-        let result = task.await.unwrap_or(Err(PumpError::Cancelled));
-        match result {
-            Ok(n) => Some(n),
-            Err(e) => {
-                if !matches!(e, PumpError::Cancelled) || !self.cancel.is_cancelled() {
-                    warn!(error = %e, "closing both sides");
-                }
-                reset(&self.client);
-                reset(&self.upstream);
-                self.cancel.cancel();
+                );
                 None
             }
+            _ => {
+                info!("connection aborted");
+                let err = [fwd_r, rev_r]
+                    .into_iter()
+                    .filter_map(Result::err)
+                    .find(|e| !matches!(e, PumpError::Cancelled));
+                Some(match err {
+                    Some(e) => format!("reset: {e}"),
+                    None if kill.is_cancelled() => "interrupted: drain timeout expired".to_string(),
+                    None => "reset".to_string(),
+                })
+            }
+        };
+        if let (Some(fwd_tap), Some(rev_tap)) = (fwd_tap, rev_tap) {
+            connection_ended(fwd_tap, rev_tap, failure);
         }
     }
+}
+
+/// Awaits one direction; on failure resets both sockets and cancels the other one.
+async fn watch<T>(
+    task: tokio::task::JoinHandle<(Result<u64, PumpError>, T)>,
+    (client, upstream, cancel): (&Arc<TcpStream>, &Arc<TcpStream>, &CancellationToken),
+) -> (Result<u64, PumpError>, Option<T>) {
+    let (result, tap) = match task.await {
+        Ok((r, t)) => (r, Some(t)),
+        // The pump panicked: nothing to account, but the connection must still close.
+        Err(_) => (Err(PumpError::Cancelled), None),
+    };
+    if let Err(e) = &result {
+        if !matches!(e, PumpError::Cancelled) || !cancel.is_cancelled() {
+            warn!(error = %e, "closing both sides");
+        }
+        reset(client);
+        reset(upstream);
+        cancel.cancel();
+    }
+    (result, tap)
 }

@@ -66,14 +66,26 @@ fn sides(dir: Direction) -> (&'static str, &'static str) {
 }
 
 /// Forwards `src` → `dst` through `link` until EOF (then half-closes `dst`), an error, or
-/// `cancel`. Returns the bytes forwarded.
-pub async fn pump(
+/// `cancel`. Returns the bytes forwarded, and the tap for its final accounting.
+pub async fn pump<T: Tap>(
     src: Arc<TcpStream>,
     dst: Arc<TcpStream>,
     link: Link,
     dir: Direction,
     cancel: CancellationToken,
-    mut tap: impl Tap,
+    mut tap: T,
+) -> (Result<u64, PumpError>, T) {
+    let r = forward(src, dst, link, dir, cancel, &mut tap).await;
+    (r, tap)
+}
+
+async fn forward<T: Tap>(
+    src: Arc<TcpStream>,
+    dst: Arc<TcpStream>,
+    link: Link,
+    dir: Direction,
+    cancel: CancellationToken,
+    tap: &mut T,
 ) -> Result<u64, PumpError> {
     let (from, to) = sides(dir);
     let mut buf: Vec<u8> = Vec::new();

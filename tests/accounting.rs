@@ -1,0 +1,227 @@
+//! Real QEMU captures replayed through the proxy: the migration record written when the
+//! connections close must carry QEMU's own counters (`result.json`), every byte in a phase,
+//! and the right channels and outcome; failures must be recorded with their cause.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn fixture(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures")
+        .join(name);
+    assert!(
+        dir.is_dir(),
+        "fixture {} is missing (shared/fixtures beside the repository)",
+        dir.display()
+    );
+    dir
+}
+
+fn load(path: &Path) -> Vec<u8> {
+    zstd::stream::decode_all(std::fs::File::open(path).unwrap()).unwrap()
+}
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("migshaper-acct-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("records.jsonl")
+}
+
+/// Replays a fixture's connections through a fresh server and returns its record.
+async fn replay(name: &str, link: &str) -> (serde_json::Value, serde_json::Value) {
+    let dir = fixture(name);
+    let result: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("result.json")).unwrap()).unwrap();
+    let mut s2d = Vec::new();
+    for i in 0.. {
+        let p = dir.join(format!("c{i}.s2d.bin.zst"));
+        if !p.exists() {
+            break;
+        }
+        s2d.push(load(&p));
+    }
+    let d2s = {
+        let p = dir.join("c0.d2s.bin.zst");
+        if p.exists() { load(&p) } else { Vec::new() }
+    };
+    let records = temp(name);
+    let _ = std::fs::remove_file(&records);
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut cfg = config(vec![route(upstream.local_addr().unwrap(), link)]);
+    cfg.records = Some(records.clone());
+    let server = start(cfg);
+
+    // Connect every channel first (main, then multifd) so they belong to one migration.
+    let mut clients = Vec::new();
+    let mut dests = Vec::new();
+    for _ in 0..s2d.len() {
+        clients.push(TcpStream::connect(server.addr()).await.unwrap());
+        dests.push(upstream.accept().await.unwrap().0);
+    }
+    let mut tasks = Vec::new();
+    for (i, (c, mut d)) in clients.into_iter().zip(dests).enumerate() {
+        let data = std::mem::take(&mut s2d[i]);
+        let rp = if i == 0 { d2s.clone() } else { Vec::new() };
+        tasks.push(tokio::spawn(async move {
+            let (mut cr, mut cw) = c.into_split();
+            let send = tokio::spawn(async move {
+                cw.write_all(&data).await.unwrap();
+                cw.shutdown().await.unwrap();
+            });
+            // Destination: return path out, stream in, then close.
+            d.write_all(&rp).await.unwrap();
+            let mut got = 0usize;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = d.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got += n;
+            }
+            d.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            cr.read_to_end(&mut back).await.unwrap();
+            send.await.unwrap();
+            assert_eq!(back, rp);
+            got
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    server.shutdown().await;
+    let text = std::fs::read_to_string(&records).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "one migration, one record: {text}");
+    (serde_json::from_str(lines[0]).unwrap(), result)
+}
+
+fn check_counters(record: &serde_json::Value, result: &serde_json::Value) {
+    let q = &result["query_migrate"]["ram"];
+    for (ours, qemu) in [
+        ("precopy_bytes", "precopy-bytes"),
+        ("downtime_bytes", "downtime-bytes"),
+        ("postcopy_bytes", "postcopy-bytes"),
+        ("normal_pages", "normal"),
+        ("zero_pages", "duplicate"),
+        ("multifd_bytes", "multifd-bytes"),
+    ] {
+        assert_eq!(
+            record["ram"][ours], q[qemu],
+            "{ours} vs QEMU {qemu}: {record}"
+        );
+    }
+    assert_eq!(record["page_requests"], q["postcopy-requests"]);
+    assert_eq!(record["outcome"], "completed", "{record}");
+}
+
+fn sum(v: &serde_json::Value) -> u64 {
+    v.as_object()
+        .unwrap()
+        .values()
+        .map(|x| x.as_u64().unwrap())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn precopy_capture_record_matches_qemu() {
+    let (record, result) = replay("precopy-s64-256m", "unlimited").await;
+    check_counters(&record, &result);
+    let bytes = &record["bytes"]["to_destination"];
+    assert_eq!(sum(bytes), 191_299_052, "every byte in a phase");
+    assert!(bytes["precopy"].as_u64().unwrap() > 100_000_000);
+    assert!(bytes["downtime"].as_u64().unwrap() > 60_000_000);
+    assert_eq!(bytes["postcopy"], 0);
+    assert_eq!(record["channels"]["main"], 1);
+    assert!(record["precopy_passes"].as_u64().unwrap() >= 1);
+    let series: u64 = record["series"]["to_destination"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .sum();
+    assert_eq!(series, 191_299_052);
+    assert_eq!(record["links"][0]["link"], "unlimited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_capture_counts_page_requests_and_the_return_path() {
+    let (record, result) = replay("postcopy-s64-256m", "unlimited").await;
+    check_counters(&record, &result);
+    assert_eq!(sum(&record["bytes"]["to_destination"]), 304_474_105);
+    assert_eq!(sum(&record["bytes"]["to_source"]), 1855);
+    assert!(
+        record["bytes"]["to_destination"]["postcopy"]
+            .as_u64()
+            .unwrap()
+            > 60_000_000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multifd_channels_join_the_main_channels_migration() {
+    let (record, result) = replay("multifd2-idle-256m", "unlimited").await;
+    check_counters(&record, &result);
+    assert_eq!(record["channels"]["main"], 1);
+    assert_eq!(record["channels"]["multifd"], 2);
+    assert_eq!(
+        sum(&record["bytes"]["to_destination"]),
+        581_966 + 24_914_880 + 31_189_696
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_mid_stream_is_recorded_as_failed() {
+    let records = temp("reset");
+    let _ = std::fs::remove_file(&records);
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut cfg = config(vec![route(upstream.local_addr().unwrap(), "unlimited")]);
+    cfg.records = Some(records.clone());
+    let server = start(cfg);
+    let data = load(&fixture("precopy-idle-256m").join("c0.s2d.bin.zst"));
+    let mut c = TcpStream::connect(server.addr()).await.unwrap();
+    let (mut d, _) = upstream.accept().await.unwrap();
+    c.write_all(&data[..1_000_000]).await.unwrap();
+    let mut buf = vec![0u8; 1_000_000];
+    d.read_exact(&mut buf).await.unwrap();
+    c.set_zero_linger().unwrap();
+    drop(c);
+    let _ = d.read(&mut buf).await;
+    server.shutdown().await;
+    let text = std::fs::read_to_string(&records).unwrap();
+    let r: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(r["outcome"], "failed");
+    assert!(r["cause"].as_str().unwrap().starts_with("reset"), "{r}");
+}
+
+#[tokio::test]
+async fn an_upstream_refusal_is_recorded_as_failed() {
+    let records = temp("refused");
+    let _ = std::fs::remove_file(&records);
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut cfg = config(vec![route(reserved.local_addr().unwrap(), "unlimited")]);
+    cfg.records = Some(records.clone());
+    let server = start(cfg);
+    let mut c = TcpStream::connect(server.addr()).await.unwrap();
+    let mut b = [0u8; 1];
+    let _ = c.read(&mut b).await;
+    server.shutdown().await;
+    let text = std::fs::read_to_string(&records).unwrap();
+    let r: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(r["outcome"], "failed");
+    assert!(
+        r["cause"].as_str().unwrap().starts_with("upstream error"),
+        "{r}"
+    );
+}
