@@ -39,6 +39,27 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the proxy: one route from flags, or several from a TOML file.
     Serve(ServeArgs),
+    /// Analyse captured migration streams offline (plain or .zst) and print the bytes per
+    /// phase and QEMU's RAM counters.
+    Inspect(InspectArgs),
+}
+
+/// `migshaper inspect` arguments.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Capture of the main channel, source→destination bytes (`.zst`: zstd-compressed).
+    #[arg(value_name = "CAPTURE")]
+    pub capture: PathBuf,
+    /// Capture of the main connection's destination→source bytes (the return path).
+    #[arg(long, value_name = "FILE")]
+    pub return_path: Option<PathBuf>,
+    /// Captures of the multifd channels' source→destination bytes (one or more; the flag may
+    /// be repeated).
+    #[arg(long, value_name = "FILE", num_args = 1..)]
+    pub multifd: Vec<PathBuf>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `migshaper serve` flags.

@@ -13,6 +13,7 @@
 //! | [`link`] | the shared full-duplex link: one sans-IO [`link::TokenBucket`] per direction, a delay |
 //! | [`proxy`] | accept loop, in-order upstream connector, one pump task per direction |
 //! | [`app`] | bind every route, run, drain on shutdown |
+//! | [`inspect`] | `migshaper inspect`: offline analysis of capture files (plain or `.zst`) into bytes per phase and QEMU's RAM counters |
 //! | [`qemu`] | sans-IO parser of the QEMU migration stream, return path and multifd channels: channel kind, phases, QEMU's own RAM counters |
 //! | [`migration`] | per-migration accounting in the proxy: connections tied to migrations, bytes and time per phase and direction, JSON records |
 //!
@@ -36,6 +37,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod inspect;
 pub mod link;
 pub mod migration;
 pub mod proxy;

@@ -1,7 +1,8 @@
 //! The `migshaper` command: parse flags, set up logging, call the library, map errors to
-//! exit codes (2: bad configuration or cannot start; 1: runtime failure).
+//! exit codes (2: bad configuration, cannot start, or `inspect` cannot read a file;
+//! 1: runtime failure).
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -13,6 +14,42 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Inspect(args) => inspect(args),
+    }
+}
+
+fn inspect(args: migshaper::cli::InspectArgs) -> ExitCode {
+    let report = match migshaper::inspect::inspect(
+        &args.capture,
+        args.return_path.as_deref(),
+        &args.multifd,
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("migshaper: {e}; {}", e.hint());
+            return ExitCode::from(2);
+        }
+    };
+    let text = if args.json {
+        match serde_json::to_string(&report) {
+            Ok(j) => j + "\n",
+            Err(e) => {
+                eprintln!("migshaper: cannot encode the report as JSON: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        report.to_string()
+    };
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        // A closed pipe (`| head`) is the reader's choice, not a failure.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("migshaper: cannot write the report: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 
