@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use crate::link::Link;
 use crate::migration::{RecordSink, RouteAccounting};
-use crate::proxy::{self, Route};
+use crate::proxy::{self, Route, RouteOptions};
 use crate::spec::{LinkRate, format_bits};
 
 /// A start-up failure: which route, which address, why.
@@ -38,6 +38,14 @@ pub enum StartError {
     )]
     Records {
         /// The file.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The capture directory cannot be created.
+    #[error("cannot create the capture directory {path}: {source}")]
+    Capture {
+        /// The directory.
         path: std::path::PathBuf,
         /// The error.
         source: std::io::Error,
@@ -90,7 +98,31 @@ impl Server {
         };
         let mut routes = Vec::with_capacity(config.routes.len());
         for r in &config.routes {
-            routes.push(bind_route(r, config.connect_timeout, sink.clone())?);
+            let capture = match &config.capture {
+                Some(dir) => {
+                    let dir = if config.routes.len() > 1 {
+                        dir.join(&r.name)
+                    } else {
+                        dir.clone()
+                    };
+                    std::fs::create_dir_all(&dir).map_err(|source| StartError::Capture {
+                        path: dir.clone(),
+                        source,
+                    })?;
+                    Some(dir)
+                }
+                None => None,
+            };
+            let options = RouteOptions {
+                no_parse: !r.parse,
+                capture,
+            };
+            routes.push(bind_route(
+                r,
+                config.connect_timeout,
+                sink.clone(),
+                options,
+            )?);
         }
         Ok(Server {
             routes,
@@ -146,6 +178,7 @@ fn bind_route(
     r: &RouteConfig,
     connect_timeout: Duration,
     sink: Option<Arc<RecordSink>>,
+    options: RouteOptions,
 ) -> Result<Route, StartError> {
     let addr = parse_listen(&r.listen).map_err(|reason| StartError::Address {
         route: r.name.clone(),
@@ -166,6 +199,7 @@ fn bind_route(
         link,
         connect_timeout,
         accounting,
+        options,
     ))
 }
 

@@ -99,6 +99,14 @@ pub struct ServeArgs {
     /// Append one JSON line per finished migration to this file.
     #[arg(long)]
     pub records: Option<PathBuf>,
+    /// Forward and shape only: do not parse the QEMU stream (no phases, no records).
+    #[arg(long, conflicts_with = "config")]
+    pub no_parse: bool,
+    /// Write every connection's bytes to DIR/c<N>.s2d.bin and DIR/c<N>.d2s.bin (N in
+    /// accept order; DIR/<route>/ with several routes), e.g. to record captures for
+    /// `migshaper inspect`.
+    #[arg(long, value_name = "DIR")]
+    pub capture: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -120,6 +128,7 @@ impl ServeArgs {
             if self.records.is_some() {
                 c.records = self.records.clone();
             }
+            c.capture = self.capture.clone();
             return Ok(c);
         }
         // clap enforces presence; these defaults are never used.
@@ -133,6 +142,7 @@ impl ServeArgs {
                 framing: self.framing.unwrap_or(Framing::DEFAULT),
             },
             delay: self.delay.unwrap_or_default().0,
+            parse: !self.no_parse,
         };
         let mut c = Config {
             routes: vec![route],
@@ -140,6 +150,7 @@ impl ServeArgs {
             drain_timeout: Duration::ZERO,
             source: None,
             records: self.records.clone(),
+            capture: self.capture.clone(),
         };
         timeouts(&mut c);
         c.validate("command line")?;

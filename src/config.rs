@@ -73,6 +73,9 @@ pub struct RouteConfig {
     pub shape: Shape,
     /// One-way propagation delay per direction.
     pub delay: Duration,
+    /// Parse the QEMU stream and account migrations (`parse = false`: forward and shape
+    /// only).
+    pub parse: bool,
 }
 
 /// Everything `serve` runs.
@@ -88,6 +91,8 @@ pub struct Config {
     pub source: Option<PathBuf>,
     /// Where finished migrations are appended as JSON lines, if anywhere.
     pub records: Option<PathBuf>,
+    /// Where each connection's bytes are written (`serve --capture`), if anywhere.
+    pub capture: Option<PathBuf>,
 }
 
 // === TOML schema ===
@@ -112,6 +117,7 @@ struct FileRoute {
     burst: Option<Burst>,
     framing: Option<Framing>,
     delay: Option<HumanDuration>,
+    parse: Option<bool>,
 }
 
 impl Config {
@@ -147,6 +153,7 @@ impl Config {
                     framing: r.framing.unwrap_or(Framing::DEFAULT),
                 },
                 delay: r.delay.unwrap_or_default().0,
+                parse: r.parse.unwrap_or(true),
             })
             .collect();
         let config = Config {
@@ -157,6 +164,7 @@ impl Config {
             drain_timeout: file.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
             source: Some(path.to_path_buf()),
             records: file.records,
+            capture: None,
         };
         config.validate(&origin)?;
         Ok(config)

@@ -225,3 +225,53 @@ async fn an_upstream_refusal_is_recorded_as_failed() {
         "{r}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_writes_each_direction_of_each_connection_and_no_parse_writes_no_record() {
+    let dir = temp("capture").parent().unwrap().join("cap");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let records = temp("capture");
+    let _ = std::fs::remove_file(&records);
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut r = route(upstream.local_addr().unwrap(), "unlimited");
+    r.parse = false;
+    let mut cfg = config(vec![r]);
+    cfg.records = Some(records.clone());
+    cfg.capture = Some(dir.clone());
+    let server = migshaper::app::Server::bind(&cfg).unwrap();
+    let addr = server.routes()[0].local_addr;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async move {
+        let _ = rx.await;
+    }));
+    for i in 0..2u8 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let (mut d, _) = upstream.accept().await.unwrap();
+        c.write_all(&[b'a' + i; 1000]).await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        d.read_to_end(&mut got).await.unwrap();
+        d.write_all(&[b'A' + i; 10]).await.unwrap();
+        d.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).await.unwrap();
+    }
+    let _ = tx.send(());
+    task.await.unwrap();
+    for i in 0..2u8 {
+        assert_eq!(
+            std::fs::read(dir.join(format!("c{i}.s2d.bin"))).unwrap(),
+            vec![b'a' + i; 1000]
+        );
+        assert_eq!(
+            std::fs::read(dir.join(format!("c{i}.d2s.bin"))).unwrap(),
+            vec![b'A' + i; 10]
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(&records).unwrap(),
+        "",
+        "parse = false: no accounting"
+    );
+}

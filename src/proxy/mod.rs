@@ -20,7 +20,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::link::{Direction, Link};
 use crate::migration::{ForwardTap, ReverseTap, RouteAccounting, connection_ended};
-use pump::{PumpError, pump};
+use pump::{CaptureTap, PumpError, pump};
 
 /// Accepted connections queued for the connector before the accept loop waits.
 const CONNECT_QUEUE: usize = 1024;
@@ -38,7 +38,19 @@ pub struct Route {
     pub connect_timeout: Duration,
     /// The route's migrations.
     pub accounting: Arc<RouteAccounting>,
+    /// Options that change what the proxy does with the bytes besides forwarding them.
+    pub options: RouteOptions,
     listener: TcpListener,
+}
+
+/// Per-route options besides the link.
+#[derive(Debug, Clone, Default)]
+pub struct RouteOptions {
+    /// Parse the QEMU stream and account migrations (default). Off: forward and shape only.
+    pub no_parse: bool,
+    /// Write each connection's bytes to `DIR/c<N>.s2d.bin` and `DIR/c<N>.d2s.bin`
+    /// (N in accept order from 0).
+    pub capture: Option<std::path::PathBuf>,
 }
 
 /// Binds a listening socket with address reuse and a deep backlog.
@@ -67,6 +79,7 @@ impl Route {
         link: Link,
         connect_timeout: Duration,
         accounting: Arc<RouteAccounting>,
+        options: RouteOptions,
     ) -> Self {
         Route {
             name,
@@ -74,6 +87,7 @@ impl Route {
             link,
             connect_timeout,
             accounting,
+            options,
             listener,
         }
     }
@@ -97,6 +111,7 @@ impl Route {
             link,
             connect_timeout,
             accounting,
+            options,
             listener,
         } = self;
         let (tx, rx) = mpsc::channel::<(TcpStream, SocketAddr)>(CONNECT_QUEUE);
@@ -106,6 +121,7 @@ impl Route {
             link,
             connect_timeout,
             accounting,
+            options,
             kill,
             tracker: tracker.clone(),
         };
@@ -146,6 +162,7 @@ struct Connector {
     link: Link,
     connect_timeout: Duration,
     accounting: Arc<RouteAccounting>,
+    options: RouteOptions,
     kill: CancellationToken,
     tracker: TaskTracker,
 }
@@ -187,19 +204,50 @@ impl Connector {
                 }
             };
             limit_receive_buffer(&client, &self.link);
-            let (migration, main) = self.accounting.attach();
+            let (fwd_tap, rev_tap) = if self.options.no_parse {
+                (None, None)
+            } else {
+                let (migration, main) = self.accounting.attach();
+                (
+                    Some(ForwardTap::new(migration.clone(), main)),
+                    Some(ReverseTap::new(migration, main)),
+                )
+            };
+            let (fwd_capture, rev_capture) = match &self.options.capture {
+                Some(dir) => span.in_scope(|| self.capture_files(dir, next_id - 1)),
+                None => (None, None),
+            };
             let conn = Connection {
                 client: Arc::new(client),
                 upstream: Arc::new(upstream),
                 link: self.link.clone(),
                 cancel: self.kill.child_token(),
                 kill: self.kill.clone(),
-                fwd_tap: ForwardTap::new(migration.clone(), main),
-                rev_tap: ReverseTap::new(migration, main),
+                fwd_tap: (fwd_tap, fwd_capture),
+                rev_tap: (rev_tap, rev_capture),
             };
             self.tracker
                 .spawn(conn.run(self.tracker.clone()).instrument(span));
         }
+    }
+}
+
+impl Connector {
+    /// Opens the capture files of connection `n`; a failure is logged and skips capture.
+    fn capture_files(
+        &self,
+        dir: &std::path::Path,
+        n: u64,
+    ) -> (Option<CaptureTap>, Option<CaptureTap>) {
+        let open = |suffix: &str| {
+            let path = dir.join(format!("c{n}.{suffix}.bin"));
+            CaptureTap::create(path.clone())
+                .map_err(
+                    |e| warn!(path = %path.display(), error = %e, "cannot create capture file"),
+                )
+                .ok()
+        };
+        (open("s2d"), open("d2s"))
     }
 }
 
@@ -255,8 +303,8 @@ struct Connection {
     link: Link,
     cancel: CancellationToken,
     kill: CancellationToken,
-    fwd_tap: ForwardTap,
-    rev_tap: ReverseTap,
+    fwd_tap: (Option<ForwardTap>, Option<CaptureTap>),
+    rev_tap: (Option<ReverseTap>, Option<CaptureTap>),
 }
 
 impl Connection {
@@ -320,7 +368,7 @@ impl Connection {
                 })
             }
         };
-        if let (Some(fwd_tap), Some(rev_tap)) = (fwd_tap, rev_tap) {
+        if let (Some((Some(fwd_tap), _)), Some((Some(rev_tap), _))) = (fwd_tap, rev_tap) {
             connection_ended(fwd_tap, rev_tap, failure);
         }
     }

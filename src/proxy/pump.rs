@@ -58,6 +58,60 @@ impl Tap for () {
     fn on_chunk(&mut self, _: &[u8]) {}
 }
 
+impl<T: Tap> Tap for Option<T> {
+    fn on_chunk(&mut self, chunk: &[u8]) {
+        if let Some(t) = self {
+            t.on_chunk(chunk);
+        }
+    }
+}
+
+impl<A: Tap, B: Tap> Tap for (A, B) {
+    fn on_chunk(&mut self, chunk: &[u8]) {
+        self.0.on_chunk(chunk);
+        self.1.on_chunk(chunk);
+    }
+}
+
+/// Writes every forwarded byte of one direction to a file (`serve --capture`).
+#[derive(Debug)]
+pub struct CaptureTap {
+    path: std::path::PathBuf,
+    out: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+impl CaptureTap {
+    /// Creates (truncates) `path`.
+    pub fn create(path: std::path::PathBuf) -> io::Result<CaptureTap> {
+        let f = std::fs::File::create(&path)?;
+        Ok(CaptureTap {
+            path,
+            out: Some(std::io::BufWriter::with_capacity(1 << 20, f)),
+        })
+    }
+}
+
+impl Tap for CaptureTap {
+    fn on_chunk(&mut self, chunk: &[u8]) {
+        use std::io::Write;
+        if let Some(out) = &mut self.out {
+            if let Err(e) = out.write_all(chunk) {
+                tracing::warn!(path = %self.path.display(), error = %e, "capture write failed; capture of this direction stops");
+                self.out = None;
+            }
+        }
+    }
+}
+
+impl Drop for CaptureTap {
+    fn drop(&mut self) {
+        use std::io::Write;
+        if let Some(out) = &mut self.out {
+            let _ = out.flush();
+        }
+    }
+}
+
 fn sides(dir: Direction) -> (&'static str, &'static str) {
     match dir {
         Direction::ToDestination => ("source", "destination"),

@@ -41,6 +41,7 @@ pub fn route(upstream: SocketAddr, link: &str) -> RouteConfig {
             framing: "none".parse().unwrap(),
         },
         delay: Duration::ZERO,
+        parse: true,
     }
 }
 
@@ -51,6 +52,7 @@ pub fn config(routes: Vec<RouteConfig>) -> Config {
         drain_timeout: Duration::from_secs(5),
         source: None,
         records: None,
+        capture: None,
     }
 }
 
