@@ -46,6 +46,15 @@ const PING_EVERY: Duration = Duration::from_millis(10);
 const TAG_BULK: u8 = 0;
 const TAG_PONG: u8 = 1;
 
+/// migshaper's routes in the benchmark: name, link, parsing on.
+const ROUTES: [(&str, &str, bool); 5] = [
+    ("unlimited", "unlimited", true),
+    ("g1", "1g", true),
+    ("g10", "10g", true),
+    ("unlimited-noparse", "unlimited", false),
+    ("g10-noparse", "10g", false),
+];
+
 #[derive(Clone)]
 struct Target {
     name: &'static str,
@@ -55,6 +64,9 @@ struct Target {
     addr: SocketAddr,
     /// The sink listener behind it.
     sink: Arc<TcpListener>,
+    /// Replay a real QEMU migration stream, one migration per connection, instead of the
+    /// synthetic bulk records (for the parsing-cost comparison).
+    replay: bool,
 }
 
 #[derive(Default, Clone)]
@@ -70,40 +82,41 @@ struct RunResult {
 
 fn main() {
     let args = Args::parse();
-    let sinks: Vec<Arc<TcpListener>> = (0..4)
+    let sinks: Vec<Arc<TcpListener>> = (0..=ROUTES.len())
         .map(|_| Arc::new(TcpListener::bind("127.0.0.1:0").expect("bind sink")))
         .collect();
     let (mut child, routes) = start_migshaper(&args, &sinks[1..]);
     let pid = child.id();
+    let target = |name, rate, i: usize, replay| Target {
+        name,
+        rate,
+        addr: if i == 0 {
+            sinks[0].local_addr().unwrap()
+        } else {
+            routes[i - 1]
+        },
+        sink: sinks[i].clone(),
+        replay,
+    };
     let targets = vec![
-        Target {
-            name: "direct loopback",
-            rate: None,
-            addr: sinks[0].local_addr().unwrap(),
-            sink: sinks[0].clone(),
-        },
-        Target {
-            name: "migshaper unlimited",
-            rate: None,
-            addr: routes[0],
-            sink: sinks[1].clone(),
-        },
-        Target {
-            name: "migshaper 1g",
-            rate: Some(1e9),
-            addr: routes[1],
-            sink: sinks[2].clone(),
-        },
-        Target {
-            name: "migshaper 10g",
-            rate: Some(10e9),
-            addr: routes[2],
-            sink: sinks[3].clone(),
-        },
+        target("direct loopback", None, 0, false),
+        target("migshaper unlimited", None, 1, false),
+        target("migshaper 1g", Some(1e9), 2, false),
+        target("migshaper 10g", Some(10e9), 3, false),
+        target("QEMU stream: unlimited, parsing on", None, 1, true),
+        target("QEMU stream: unlimited, parsing off", None, 4, true),
+        target("QEMU stream: 10g, parsing on", Some(10e9), 3, true),
+        target("QEMU stream: 10g, parsing off", Some(10e9), 5, true),
     ];
+    let capture = Arc::new(load_capture());
     let mut configs = Vec::new();
     for t in &targets {
-        for streams in [1usize, 4] {
+        for streams in if t.replay {
+            &[1usize][..]
+        } else {
+            &[1usize, 4][..]
+        } {
+            let streams = *streams;
             if args.only.as_deref().is_none_or(|o| t.name.contains(o)) {
                 configs.push((t.clone(), streams));
             }
@@ -112,8 +125,12 @@ fn main() {
     let mut results: Vec<Vec<RunResult>> = vec![Vec::new(); configs.len()];
     for round in 0..args.rounds {
         for (i, (t, streams)) in configs.iter().enumerate() {
-            let via_proxy = t.name.starts_with("migshaper");
-            let r = run(t, *streams, args.secs, via_proxy.then_some(pid));
+            let via_proxy = t.name != "direct loopback";
+            let r = if t.replay {
+                run_replay(t, &capture, args.secs, pid)
+            } else {
+                run(t, *streams, args.secs, via_proxy.then_some(pid))
+            };
             eprintln!(
                 "round {} {:>20} x{}: {:.3} Gb/s, max100 {:.3}, first100 {:.3}, ping {:.2}/{:.2} ms",
                 round + 1,
@@ -138,13 +155,9 @@ fn start_migshaper(args: &Args, sinks: &[Arc<TcpListener>]) -> (Child, Vec<Socke
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("bench.toml");
     let mut text = String::new();
-    for (name, link, sink) in [
-        ("unlimited", "unlimited", &sinks[0]),
-        ("g1", "1g", &sinks[1]),
-        ("g10", "10g", &sinks[2]),
-    ] {
+    for ((name, link, parse), sink) in ROUTES.iter().zip(sinks) {
         text += &format!(
-            "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\nlink = \"{link}\"\nframing = \"none\"\nburst = \"{}\"\n\n",
+            "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\nlink = \"{link}\"\nframing = \"none\"\nburst = \"{}\"\nparse = {parse}\n\n",
             sink.local_addr().unwrap(),
             args.burst
         );
@@ -159,7 +172,7 @@ fn start_migshaper(args: &Args, sinks: &[Arc<TcpListener>]) -> (Child, Vec<Socke
         .expect("start migshaper (build it with cargo bench, which builds the binary)");
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
-    let mut addrs = [None, None, None];
+    let mut addrs = vec![None; ROUTES.len()];
     while addrs.iter().any(Option::is_none) {
         let line = lines
             .next()
@@ -172,15 +185,88 @@ fn start_migshaper(args: &Args, sinks: &[Arc<TcpListener>]) -> (Child, Vec<Socke
             let start = line.find(&format!("\"{k}\":\"")).unwrap() + k.len() + 4;
             line[start..start + line[start..].find('"').unwrap()].to_string()
         };
-        let idx = ["unlimited", "g1", "g10"]
-            .iter()
-            .position(|n| *n == field("route"))
-            .unwrap();
+        let idx = ROUTES.iter().position(|r| r.0 == field("route")).unwrap();
         addrs[idx] = Some(field("listen").parse().unwrap());
     }
     // Keep draining stderr so migshaper never blocks on a full pipe.
     thread::spawn(move || for _ in lines {});
     (child, addrs.into_iter().map(Option::unwrap).collect())
+}
+
+/// The main channel of a real pre-copy migration (QEMU 7.2, 191 MB).
+fn load_capture() -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/precopy-s64-256m/c0.s2d.bin.zst");
+    let f = std::fs::File::open(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (the QEMU captures live in shared/fixtures)",
+            path.display()
+        )
+    });
+    zstd::stream::decode_all(f).expect("decompress the capture")
+}
+
+/// Replays the capture over and over, one migration per connection, for `secs`; the sink
+/// reads each connection to its end. Measures throughput and migshaper's CPU.
+fn run_replay(t: &Target, capture: &Arc<Vec<u8>>, secs: f64, pid: u32) -> RunResult {
+    let deadline_d = Duration::from_secs_f64(secs);
+    let sink = t.sink.clone();
+    let stop_addr = sink.local_addr().unwrap();
+    let t0 = Instant::now();
+    let receiver = thread::spawn(move || {
+        let mut total = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let (mut s, _) = sink.accept().unwrap();
+            let mut first = [0u8; 4];
+            if s.read_exact(&mut first).is_err() {
+                continue;
+            }
+            if &first == b"STOP" {
+                return total;
+            }
+            if t0.elapsed() < deadline_d {
+                total += 4;
+            }
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if t0.elapsed() < deadline_d {
+                    total += n as u64;
+                }
+            }
+        }
+    });
+    let cpu0 = cpu_ticks(pid);
+    let deadline = t0 + deadline_d;
+    while Instant::now() < deadline {
+        let mut s = TcpStream::connect(t.addr).unwrap();
+        for piece in capture.chunks(1 << 20) {
+            if s.write_all(piece).is_err() || Instant::now() >= deadline {
+                break;
+            }
+        }
+        let _ = s.shutdown(Shutdown::Write);
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    }
+    let cpu = (cpu_ticks(pid) - cpu0) as f64 / 100.0 / t0.elapsed().as_secs_f64() * 100.0;
+    TcpStream::connect(stop_addr)
+        .unwrap()
+        .write_all(b"STOP")
+        .unwrap();
+    let total = receiver.join().unwrap();
+    let gbps = total as f64 * 8.0 / secs / 1e9;
+    RunResult {
+        gbps,
+        max_window: f64::NAN,
+        first_window: f64::NAN,
+        conn_min_over_mean: f64::NAN,
+        ping_inband: Vec::new(),
+        ping_second: Vec::new(),
+        cpu_pct: cpu,
+    }
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
@@ -504,8 +590,8 @@ fn print_table(args: &Args, configs: &[(Target, usize)], results: &[Vec<RunResul
         let inband: Vec<f64> = rs.iter().flat_map(|r| r.ping_inband.clone()).collect();
         let second: Vec<f64> = rs.iter().flat_map(|r| r.ping_second.clone()).collect();
         let cpu = mean(rs.iter().map(|r| r.cpu_pct));
-        let via_proxy = t.name.starts_with("migshaper");
-        println!(
+        let via_proxy = t.name != "direct loopback";
+        let row = format!(
             "| {} | {} | {:.3} | {} | {} | {} | {:.3} | {:.2} / {:.2} | {:.2} / {:.2} | {} | {} |",
             t.name,
             streams,
@@ -529,5 +615,7 @@ fn print_table(args: &Args, configs: &[(Target, usize)], results: &[Vec<RunResul
                 "-".into()
             },
         );
+        // Rows without a figure (e.g. pings in the replay runs) show "-".
+        println!("{}", row.replace("NaN", "-"));
     }
 }

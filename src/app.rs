@@ -82,6 +82,8 @@ pub struct RouteHandle {
     pub upstream: String,
     /// The route's link.
     pub link: Link,
+    /// The route's migrations.
+    pub accounting: Arc<RouteAccounting>,
 }
 
 impl Server {
@@ -139,6 +141,7 @@ impl Server {
                 local_addr: r.local_addr().expect("a bound listener has an address"),
                 upstream: r.upstream.clone(),
                 link: r.link.clone(),
+                accounting: r.accounting.clone(),
             })
             .collect()
     }

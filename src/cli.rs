@@ -42,6 +42,21 @@ pub enum Command {
     /// Analyse captured migration streams offline (plain or .zst) and print the bytes per
     /// phase and QEMU's RAM counters.
     Inspect(InspectArgs),
+    /// Replay a real QEMU migration (bundled, or a capture directory) through an
+    /// in-process migshaper at 1 Gb/s and at 10 Gb/s and print both records side by side.
+    Demo(DemoArgs),
+}
+
+/// `migshaper demo` arguments.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// A capture directory (c0.s2d.bin[.zst], c0.d2s.bin[.zst]) instead of the bundled one,
+    /// e.g. one recorded with `serve --capture DIR`.
+    #[arg(long, value_name = "DIR")]
+    pub capture: Option<PathBuf>,
+    /// The links to compare, in order.
+    #[arg(long, value_delimiter = ',', default_value = "1g,10g")]
+    pub links: Vec<String>,
 }
 
 /// `migshaper inspect` arguments.

@@ -15,6 +15,7 @@
 //! | [`app`] | bind every route, run, drain on shutdown |
 //! | [`inspect`] | `migshaper inspect`: offline analysis of capture files (plain or `.zst`) into bytes per phase and QEMU's RAM counters |
 //! | [`qemu`] | sans-IO parser of the QEMU migration stream, return path and multifd channels: channel kind, phases, QEMU's own RAM counters |
+//! | [`demo`] | `migshaper demo`: a bundled real migration replayed at 1g and 10g through an in-process migshaper |
 //! | [`migration`] | per-migration accounting in the proxy: connections tied to migrations, bytes and time per phase and direction, JSON records |
 //!
 //! # Data flow
@@ -27,7 +28,12 @@
 //!    wait until the booking's release time, write the chunk (through the delay line if
 //!    a delay is set), repeat. EOF is passed on as a half-close; an error resets both
 //!    sides.
-//! 4. The bucket is pure arithmetic on `now`: reservations are granted first come, first
+//! 4. After each write the chunk goes to the connection's taps ([`proxy::pump::Tap`]):
+//!    the forward tap feeds the sans-IO [`qemu::StreamParser`] and books the bytes per phase
+//!    into the connection's [`migration::Migration`] (the first connection of a route opens
+//!    one, later ones join it); the reverse tap parses the return path on the main channel.
+//!    When a migration's last connection closes, its record is written (`--records`).
+//! 5. The bucket is pure arithmetic on `now`: reservations are granted first come, first
 //!    served, which makes the shared link fair and bounds a small message's wait to the
 //!    chunk ahead of it; the return path has its own bucket, so it never queues behind
 //!    the migration stream.
@@ -37,6 +43,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod inspect;
 pub mod link;
 pub mod migration;

@@ -15,7 +15,49 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Inspect(args) => inspect(args),
+        Command::Demo(args) => demo(args),
     }
+}
+
+fn demo(args: migshaper::cli::DemoArgs) -> ExitCode {
+    use migshaper::demo::{Replay, render, replay_through};
+    for l in &args.links {
+        if let Err(e) = l.parse::<migshaper::spec::LinkRate>() {
+            eprintln!("migshaper: --links: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let replay = match &args.capture {
+        Some(dir) => Replay::from_dir(dir),
+        None => Replay::bundled(),
+    };
+    let replay = match replay {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("migshaper: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("migshaper: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut runs = Vec::new();
+    for link in &args.links {
+        eprintln!("migshaper demo: replaying through a {link} link ...");
+        match rt.block_on(replay_through(&replay, link)) {
+            Ok(r) => runs.push((link.clone(), r)),
+            Err(e) => {
+                eprintln!("migshaper: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    print!("{}", render(&replay, &runs));
+    ExitCode::SUCCESS
 }
 
 fn inspect(args: migshaper::cli::InspectArgs) -> ExitCode {

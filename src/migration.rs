@@ -105,8 +105,12 @@ pub struct RouteAccounting {
     link: Link,
     sink: Option<Arc<RecordSink>>,
     active: Mutex<Option<Arc<Migration>>>,
+    recent: Mutex<std::collections::VecDeque<Record>>,
     next_id: AtomicU64,
 }
+
+/// Finished migrations kept in memory per route (for `demo` and the control API).
+const RECENT_RECORDS: usize = 32;
 
 impl RouteAccounting {
     /// Accounting for `route`, writing finished migrations to `sink`.
@@ -116,6 +120,7 @@ impl RouteAccounting {
             link,
             sink,
             active: Mutex::new(None),
+            recent: Mutex::new(std::collections::VecDeque::new()),
             next_id: AtomicU64::new(1),
         }
     }
@@ -140,6 +145,16 @@ impl RouteAccounting {
         *active = Some(m.clone());
         info!(route = %self.route, migration = %m.id, "migration started");
         (m, true)
+    }
+
+    /// The most recently finished migrations, oldest first.
+    pub fn recent(&self) -> Vec<Record> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Records an upstream connect failure: it fails the active migration, or a new one.
@@ -283,6 +298,11 @@ impl Migration {
         if let Some(sink) = &self.route.sink {
             sink.write(&record);
         }
+        let mut recent = self.route.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT_RECORDS {
+            recent.pop_front();
+        }
+        recent.push_back(record);
     }
 
     fn record(&self, st: &State, now: Instant) -> Record {
