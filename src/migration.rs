@@ -409,6 +409,8 @@ pub struct ForwardTap {
     main: bool,
     parser: StreamParser,
     last: PhaseBytes,
+    /// The main channel's page size was passed on (non-main channels).
+    hinted: bool,
 }
 
 impl ForwardTap {
@@ -419,29 +421,43 @@ impl ForwardTap {
             main,
             parser: StreamParser::new(),
             last: PhaseBytes::default(),
+            hinted: false,
         }
     }
 
     fn account(&mut self, n: u64, now: Instant) {
-        let phases = self.parser.stats().phases;
-        let mig = self.mig.clone();
+        let ForwardTap {
+            mig,
+            main,
+            parser,
+            last,
+            ..
+        } = self;
+        let phases = parser.stats().phases;
         let mut st = mig.lock();
         for p in PHASES {
-            let d = phases.get(p).saturating_sub(self.last.get(p));
+            let d = phases.get(p).saturating_sub(last.get(p));
             st.bytes[0][phase_index(p)] += d;
         }
-        self.last = phases;
+        *last = phases;
         mig.add_series(&mut st, Direction::ToDestination, n, now);
-        while let Some(ev) = self.parser.poll_event() {
+        while let Some(ev) = parser.poll_event() {
             match ev.kind {
-                EventKind::PhaseChanged { to, .. } if self.main => {
+                EventKind::PhaseChanged { to, .. } if *main => {
                     st.timeline.push((to, ev.at));
                     mig.phase.store(phase_index(to) as u8, Ordering::Relaxed);
                 }
-                EventKind::PassStarted { pass } if self.main => st.passes = st.passes.max(pass),
-                EventKind::PageSize(p) if self.main => st.page_size = Some(p),
+                EventKind::PassStarted { pass } if *main => st.passes = st.passes.max(pass),
+                EventKind::PageSize(p) if *main => st.page_size = Some(p),
                 EventKind::MultifdPacket(p) => st.ledger.record(&p),
                 _ => {}
+            }
+        }
+        // Other channels learn the page size from the main channel, once it is known.
+        if !*main && !self.hinted {
+            if let Some(p) = st.page_size {
+                parser.set_page_size_hint(p);
+                self.hinted = true;
             }
         }
     }
@@ -464,9 +480,6 @@ impl Tap for ForwardTap {
         let now = Instant::now();
         if !self.main {
             self.parser.follow_phase(self.mig.phase(), now);
-            if let Some(p) = self.mig.lock().page_size {
-                self.parser.set_page_size_hint(p);
-            }
         }
         self.parser.feed(chunk, now);
         self.account(chunk.len() as u64, now);
@@ -490,25 +503,11 @@ impl ReverseTap {
         }
     }
 
-    fn drain(&mut self, st: &mut State) {
-        if let Some(rp) = &mut self.rp {
-            while let Some(ev) = rp.poll_event() {
-                match ev.kind {
-                    EventKind::PageRequest { .. } => st.page_requests += 1,
-                    EventKind::Shut(code) => st.shut = Some(code),
-                    _ => {}
-                }
-            }
-        }
-    }
-
     fn finish(mut self, now: Instant) {
         if let Some(rp) = &mut self.rp {
             rp.finish(now);
+            drain_rp(rp, &mut self.mig.lock());
         }
-        let mig = self.mig.clone();
-        let mut st = mig.lock();
-        self.drain(&mut st);
     }
 }
 
@@ -518,11 +517,24 @@ impl Tap for ReverseTap {
         if let Some(rp) = &mut self.rp {
             rp.feed(chunk, now);
         }
-        let mig = self.mig.clone();
+        let mig = &self.mig;
         let mut st = mig.lock();
         st.bytes[1][phase_index(mig.phase())] += chunk.len() as u64;
         mig.add_series(&mut st, Direction::ToSource, chunk.len() as u64, now);
-        self.drain(&mut st);
+        if let Some(rp) = &mut self.rp {
+            drain_rp(rp, &mut st);
+        }
+    }
+}
+
+/// Takes the return path's events into the migration.
+fn drain_rp(rp: &mut ReturnPathParser, st: &mut State) {
+    while let Some(ev) = rp.poll_event() {
+        match ev.kind {
+            EventKind::PageRequest { .. } => st.page_requests += 1,
+            EventKind::Shut(code) => st.shut = Some(code),
+            _ => {}
+        }
     }
 }
 
