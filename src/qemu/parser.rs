@@ -19,6 +19,8 @@ const MAX_BLOCKS: usize = 64;
 const UNLISTED_BLOCK: u16 = MAX_BLOCKS as u16;
 /// Room for replayed look-ahead bytes (footer candidates are at most ~280 bytes).
 const REPLAY_CAP: usize = 2 * MAX_HEADER_BYTES;
+/// `08`, be16 cmd, be16 len.
+const CMD_HEADER_BYTES: usize = 5;
 
 /// Which stream grammar the parser starts in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -663,7 +665,11 @@ impl MainParser {
                 let bad = match cmd {
                     0 => true,
                     MIG_CMD_PACKAGED => len != PACKAGED_LEN,
-                    _ => usize::from(len) > MAX_HEADER_BYTES,
+                    // The command's 5 header bytes are held with its body until the
+                    // command is understood, and everything held fits MAX_HEADER_BYTES.
+                    // QEMU's largest command (a DISCARD: 2 + 255 + 1 + 12 x 16 bytes) is
+                    // well below.
+                    _ => usize::from(len) > MAX_HEADER_BYTES - CMD_HEADER_BYTES,
                 };
                 if bad {
                     self.go_opaque(core, DesyncReason::BadCommand { cmd, len });
@@ -1095,6 +1101,9 @@ impl MainParser {
                 break;
             }
         }
+        // The general path takes over at the next record: its header starts here.
+        self.rec_start = self.pos;
+        self.unit = self.pos;
         i
     }
 
