@@ -33,8 +33,8 @@ fn temp(name: &str) -> PathBuf {
     dir.join("records.jsonl")
 }
 
-/// Replays a fixture's connections through a fresh server and returns its record.
-async fn replay(name: &str, link: &str) -> (serde_json::Value, serde_json::Value) {
+/// A fixture's streams: source->destination per connection, and the return path.
+fn streams(name: &str) -> (Vec<Vec<u8>>, Vec<u8>, serde_json::Value) {
     let dir = fixture(name);
     let result: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("result.json")).unwrap()).unwrap();
@@ -46,22 +46,23 @@ async fn replay(name: &str, link: &str) -> (serde_json::Value, serde_json::Value
         }
         s2d.push(load(&p));
     }
-    let d2s = {
-        let p = dir.join("c0.d2s.bin.zst");
-        if p.exists() { load(&p) } else { Vec::new() }
-    };
-    let records = temp(name);
-    let _ = std::fs::remove_file(&records);
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut cfg = config(vec![route(upstream.local_addr().unwrap(), link)]);
-    cfg.records = Some(records.clone());
-    let server = start(cfg);
+    let p = dir.join("c0.d2s.bin.zst");
+    let d2s = if p.exists() { load(&p) } else { Vec::new() };
+    (s2d, d2s, result)
+}
 
-    // Connect every channel first (main, then multifd) so they belong to one migration.
+/// Plays a migration's connections through `via` to `upstream` (main first, then the
+/// others, all connected before any data flows, as QEMU does).
+async fn drive(
+    via: std::net::SocketAddr,
+    upstream: &TcpListener,
+    mut s2d: Vec<Vec<u8>>,
+    d2s: Vec<u8>,
+) {
     let mut clients = Vec::new();
     let mut dests = Vec::new();
     for _ in 0..s2d.len() {
-        clients.push(TcpStream::connect(server.addr()).await.unwrap());
+        clients.push(TcpStream::connect(via).await.unwrap());
         dests.push(upstream.accept().await.unwrap().0);
     }
     let mut tasks = Vec::new();
@@ -76,21 +77,13 @@ async fn replay(name: &str, link: &str) -> (serde_json::Value, serde_json::Value
             });
             // Destination: return path out, stream in, then close.
             d.write_all(&rp).await.unwrap();
-            let mut got = 0usize;
             let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = d.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    break;
-                }
-                got += n;
-            }
+            while d.read(&mut buf).await.unwrap() != 0 {}
             d.shutdown().await.unwrap();
             let mut back = Vec::new();
             cr.read_to_end(&mut back).await.unwrap();
             send.await.unwrap();
             assert_eq!(back, rp);
-            got
         }));
     }
     for t in tasks {
@@ -99,11 +92,60 @@ async fn replay(name: &str, link: &str) -> (serde_json::Value, serde_json::Value
             .unwrap()
             .unwrap();
     }
+}
+
+fn read_records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Replays a fixture's connections through a fresh server and returns its record.
+async fn replay(name: &str, link: &str) -> (serde_json::Value, serde_json::Value) {
+    let (s2d, d2s, result) = streams(name);
+    let records = temp(name);
+    let _ = std::fs::remove_file(&records);
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut cfg = config(vec![route(upstream.local_addr().unwrap(), link)]);
+    cfg.records = Some(records.clone());
+    let server = start(cfg);
+    drive(server.addr(), &upstream, s2d, d2s).await;
     server.shutdown().await;
-    let text = std::fs::read_to_string(&records).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 1, "one migration, one record: {text}");
-    (serde_json::from_str(lines[0]).unwrap(), result)
+    let mut lines = read_records(&records);
+    assert_eq!(lines.len(), 1, "one migration, one record: {lines:?}");
+    (lines.remove(0), result)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_migrations_on_two_routes_at_once_stay_separate() {
+    let records = temp("two-routes");
+    let _ = std::fs::remove_file(&records);
+    let up_a = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_b = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut a = route(up_a.local_addr().unwrap(), "unlimited");
+    a.name = "a".into();
+    let mut b = route(up_b.local_addr().unwrap(), "10g");
+    b.name = "b".into();
+    let mut cfg = config(vec![a, b]);
+    cfg.records = Some(records.clone());
+    let server = start(cfg);
+    let (addr_a, addr_b) = (server.routes[0].local_addr, server.routes[1].local_addr);
+    let (s2d_a, d2s_a, result_a) = streams("precopy-s64-256m");
+    let (s2d_b, d2s_b, result_b) = streams("postcopy-s64-256m");
+    tokio::join!(
+        drive(addr_a, &up_a, s2d_a, d2s_a),
+        drive(addr_b, &up_b, s2d_b, d2s_b)
+    );
+    server.shutdown().await;
+    let recs = read_records(&records);
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    let by_route = |r: &str| recs.iter().find(|x| x["route"] == r).unwrap().clone();
+    check_counters(&by_route("a"), &result_a);
+    check_counters(&by_route("b"), &result_b);
+    assert_eq!(by_route("b")["links"][0]["link"], "10gbit");
+    assert_ne!(by_route("a")["id"], by_route("b")["id"]);
 }
 
 fn check_counters(record: &serde_json::Value, result: &serde_json::Value) {
