@@ -202,6 +202,20 @@ fn parser_throughput(c: &mut Criterion) {
             });
         }
     }
+    // Every capture, each through a fresh parser, as one workload: the aggregate rate.
+    let total: usize = captures.iter().map(|c| c.data.len()).sum();
+    g.throughput(Throughput::Bytes(total as u64));
+    g.bench_function("all captures", |b| {
+        b.iter(|| {
+            for cap in &captures {
+                if cap.return_path {
+                    black_box(*parse_return_path(black_box(&cap.data)).stats());
+                } else {
+                    black_box(*parse_stream(black_box(&cap.data), cap.page_hint).stats());
+                }
+            }
+        })
+    });
     g.finish();
 }
 

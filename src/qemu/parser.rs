@@ -1063,47 +1063,65 @@ impl MainParser {
             return 0;
         };
         let mask = u64::from(self.page_size) - 1;
+        let page = u64::from(self.page_size);
+        // Nothing inside a run of RAM records changes the section, the phase or the mode:
+        // decide once whether pages count towards passes, and tally in locals.
+        let tracking = core.phase == Phase::Precopy
+            && self.sec.map(|s| s.ty) == Some(SecType::Part)
+            && self.mode != Mode::Preempt;
+        let base = self.pos;
+        let (mut zeros, mut pages, mut ram_bytes) = (0u64, 0u64, 0u64);
         let mut i = 0;
+        let mut partial = false;
         while d.len() - i >= 9 {
             let w = be64(&d[i..i + 8]);
             let flags = w & mask;
-            if flags == ZERO {
-                if d[i + 8] != 0 {
-                    break;
+            let is_zero = flags == ZERO && d[i + 8] == 0;
+            let is_page = flags == PAGE && self.page_confirmed;
+            if !is_zero && !is_page {
+                break;
+            }
+            let offset = w & !mask;
+            if tracking {
+                let here = (block, offset);
+                if self.wrap_pending || self.last_page.is_some_and(|last| here < last) {
+                    self.wrap_pending = false;
+                    core.stats.passes += 1;
+                    let pass = core.stats.passes;
+                    core.push(base + i as u64, EventKind::PassStarted { pass });
                 }
-                self.rec_start = self.pos;
-                self.rec_offset = w & !mask;
-                self.track_pass(core, block);
-                core.stats.ram.zero_pages += 1;
-                self.count_ram(core, 9);
-                self.pos += 9;
+                self.last_page = Some(here);
+            }
+            self.rec_offset = offset;
+            if is_zero {
+                zeros += 1;
+                ram_bytes += 9;
                 i += 9;
-            } else if flags == PAGE && self.page_confirmed {
-                self.rec_start = self.pos;
-                self.rec_offset = w & !mask;
-                self.rec_flags = RAM_SAVE_FLAG_PAGE;
-                self.track_pass(core, block);
-                let whole = 8 + u64::from(self.page_size);
-                if (d.len() - i) as u64 >= whole {
-                    core.stats.ram.normal_pages += 1;
-                    self.count_ram(core, whole);
-                    self.pos += whole;
-                    i += whole as usize;
-                } else {
-                    // The body continues in later input: skip it by count.
-                    self.pos += 8;
-                    i += 8;
-                    self.page_body = self.pos;
-                    self.st = St::Skip(u64::from(self.page_size), SkipNext::PageEnd);
-                    return i;
-                }
+            } else if (d.len() - i) as u64 >= 8 + page {
+                pages += 1;
+                ram_bytes += 8 + page;
+                i += 8 + page as usize;
             } else {
+                // The body continues in later input: skip it by count.
+                self.rec_start = base + i as u64;
+                self.rec_flags = RAM_SAVE_FLAG_PAGE;
+                i += 8;
+                partial = true;
                 break;
             }
         }
-        // The general path takes over at the next record: its header starts here.
-        self.rec_start = self.pos;
-        self.unit = self.pos;
+        core.stats.ram.zero_pages += zeros;
+        core.stats.ram.normal_pages += pages;
+        self.count_ram(core, ram_bytes);
+        self.pos = base + i as u64;
+        if partial {
+            self.page_body = self.pos;
+            self.st = St::Skip(page, SkipNext::PageEnd);
+        } else {
+            // The general path takes over at the next record: its header starts here.
+            self.rec_start = self.pos;
+            self.unit = self.pos;
+        }
         i
     }
 
