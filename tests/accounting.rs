@@ -12,15 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 fn fixture(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
-        .join(name);
-    assert!(
-        dir.is_dir(),
-        "fixture {} is missing (shared/fixtures beside the repository)",
-        dir.display()
-    );
-    dir
+    fixtures_dir().join(name)
 }
 
 fn load(path: &Path) -> Vec<u8> {

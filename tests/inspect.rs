@@ -4,32 +4,14 @@
 //! file (exit 2) and bad input (empty, garbage, TLS, truncated, garbled: exit 0 with a clear
 //! outcome).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use migshaper::inspect::{InspectOutcome, Report, inspect};
 
-fn fixtures_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-    assert!(
-        dir.is_dir(),
-        "fixture directory {} is missing: the QEMU captures live in shared/fixtures next to \
-         the repository",
-        dir.display()
-    );
-    dir
-}
-
-fn fixture_dirs() -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures_dir())
-        .expect("read fixture dir")
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.join("result.json").is_file())
-        .collect();
-    dirs.sort();
-    assert!(!dirs.is_empty(), "no fixture with a result.json found");
-    dirs
-}
+use common::{fixture_dirs, fixtures_dir};
 
 /// The main capture, the return path if captured, and the multifd captures in order.
 fn fixture_files(dir: &Path) -> (PathBuf, Option<PathBuf>, Vec<PathBuf>) {

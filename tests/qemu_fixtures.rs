@@ -3,6 +3,8 @@
 //! attributed to a phase, and feeding in random splits or byte by byte must not change a
 //! single counter or event.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -12,27 +14,7 @@ use migshaper::qemu::{
     StreamParser,
 };
 
-fn fixtures_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-    assert!(
-        dir.is_dir(),
-        "fixture directory {} is missing: the QEMU captures live in shared/fixtures next to \
-         the repository",
-        dir.display()
-    );
-    dir
-}
-
-fn fixture_dirs() -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures_dir())
-        .expect("read fixture dir")
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.join("result.json").is_file())
-        .collect();
-    dirs.sort();
-    assert!(!dirs.is_empty(), "no fixture with a result.json found");
-    dirs
-}
+use common::{fixture_dirs, fixtures_dir};
 
 fn load(path: &Path) -> Vec<u8> {
     let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
