@@ -309,3 +309,37 @@ async fn capture_writes_each_direction_of_each_connection_and_no_parse_writes_no
         "parse = false: no accounting"
     );
 }
+
+/// Plays `main` (and `rp` back) through a fresh recording server; returns the one record.
+async fn record_of(main: Vec<u8>, rp: Vec<u8>, name: &str) -> serde_json::Value {
+    let records = temp(name);
+    let _ = std::fs::remove_file(&records);
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut cfg = config(vec![route(upstream.local_addr().unwrap(), "unlimited")]);
+    cfg.records = Some(records.clone());
+    let server = start(cfg);
+    drive(server.addr(), &upstream, vec![main], rp).await;
+    server.shutdown().await;
+    let mut recs = read_records(&records);
+    assert_eq!(recs.len(), 1);
+    recs.remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_short_is_recorded_as_truncated() {
+    let mut main = load(&fixture("precopy-idle-256m").join("c0.s2d.bin.zst"));
+    main.truncate(1_000_000);
+    let r = record_of(main, Vec::new(), "truncated").await;
+    assert_eq!(r["outcome"], "failed", "{r}");
+    assert_eq!(r["cause"], "truncated stream", "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_return_path_shut_with_an_error_code_fails_the_migration() {
+    let main = load(&fixture("precopy-idle-256m").join("c0.s2d.bin.zst"));
+    // RP SHUT (type 1, length 4) with code 1: the destination failed to load the state.
+    let rp = vec![0, 1, 0, 4, 0, 0, 0, 1];
+    let r = record_of(main, rp, "shut").await;
+    assert_eq!(r["outcome"], "failed", "{r}");
+    assert_eq!(r["cause"], "return-path SHUT code 1", "{r}");
+}
