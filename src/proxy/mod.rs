@@ -183,8 +183,7 @@ impl Connector {
             {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    self.accounting
-                        .connect_failed(format!("connect to {}: {e}", self.upstream));
+                    self.connect_failed(format!("connect to {}: {e}", self.upstream));
                     span.in_scope(|| {
                         warn!(upstream = %self.upstream, error = %e, "upstream connect failed; closing the client connection (check that the destination is listening)")
                     });
@@ -192,7 +191,7 @@ impl Connector {
                     continue;
                 }
                 Err(_) => {
-                    self.accounting.connect_failed(format!(
+                    self.connect_failed(format!(
                         "connect to {} timed out after {:?}",
                         self.upstream, self.connect_timeout
                     ));
@@ -233,6 +232,13 @@ impl Connector {
 }
 
 impl Connector {
+    /// Records an upstream connect failure in the route's migrations (when it accounts).
+    fn connect_failed(&self, cause: String) {
+        if !self.options.no_parse {
+            self.accounting.connect_failed(cause);
+        }
+    }
+
     /// Opens the capture files of connection `n`; a failure is logged and skips capture.
     fn capture_files(
         &self,
