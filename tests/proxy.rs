@@ -531,3 +531,23 @@ fn the_drain_timeout_closes_what_is_left_and_exits_0() {
     c.set_read_timeout(Some(WAIT)).unwrap();
     assert!(matches!(c.read(&mut b), Ok(0) | Err(_)));
 }
+
+#[tokio::test]
+async fn ipv6_listen_and_upstream_by_host_name() {
+    // Listen on [::1], forward to an upstream given as `localhost:PORT` (resolved at connect).
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut r = route(upstream.local_addr().unwrap(), "unlimited");
+    r.listen = "[::1]:0".into();
+    r.upstream = format!("localhost:{}", upstream.local_addr().unwrap().port());
+    let server = start(config(vec![r]));
+    assert!(server.addr().is_ipv6());
+    let mut c = TcpStream::connect(server.addr()).await.unwrap();
+    let (mut d, _) = within(upstream.accept()).await.unwrap();
+    c.write_all(b"v6").await.unwrap();
+    let mut b = [0u8; 2];
+    within(d.read_exact(&mut b)).await.unwrap();
+    assert_eq!(&b, b"v6");
+    drop(c);
+    drop(d);
+    server.shutdown().await;
+}
