@@ -164,7 +164,14 @@ fn start_migshaper(args: &Args, sinks: &[Arc<TcpListener>]) -> (Child, Vec<Socke
     }
     std::fs::write(&config, text).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_migshaper"))
-        .args(["serve", "--log-format", "json", "--config"])
+        .args([
+            "serve",
+            "--control",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--config",
+        ])
         .arg(&config)
         .env("MIGSHAPER_LOG", "info")
         .stderr(Stdio::piped())

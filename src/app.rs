@@ -14,7 +14,9 @@ use tracing::{info, warn};
 use crate::config::{Config, RouteConfig, parse_listen};
 use std::sync::Arc;
 
-use crate::link::Link;
+use crate::control::{Control, ControlError};
+use crate::link::{Link, LinkUpdate};
+use crate::metrics::Metrics;
 use crate::migration::{RecordSink, RouteAccounting};
 use crate::proxy::{self, Route, RouteOptions};
 use crate::spec::{LinkRate, format_bits};
@@ -50,6 +52,9 @@ pub enum StartError {
         /// The error.
         source: std::io::Error,
     },
+    /// The control API cannot start.
+    #[error(transparent)]
+    Control(#[from] ControlError),
     /// Binding failed (port in use, permission denied, address not on this host).
     #[error(
         "route {route:?}: cannot listen on {addr}: {source} (is another process using the port?)"
@@ -69,6 +74,9 @@ pub enum StartError {
 pub struct Server {
     routes: Vec<Route>,
     drain_timeout: Duration,
+    metrics: Arc<Metrics>,
+    control: Option<Control>,
+    source: Option<std::path::PathBuf>,
 }
 
 /// A handle to a route's live state, for reporting and for changing its link.
@@ -89,6 +97,7 @@ pub struct RouteHandle {
 impl Server {
     /// Binds every route of `config`; fails without listening on anything if one fails.
     pub fn bind(config: &Config) -> Result<Server, StartError> {
+        let metrics = Metrics::new();
         let sink = match &config.records {
             Some(path) => Some(Arc::new(RecordSink::open(path).map_err(|source| {
                 StartError::Records {
@@ -124,12 +133,30 @@ impl Server {
                 config.connect_timeout,
                 sink.clone(),
                 options,
+                &metrics,
             )?);
         }
-        Ok(Server {
+        let mut server = Server {
             routes,
             drain_timeout: config.drain_timeout,
-        })
+            metrics,
+            control: None,
+            source: config.source.clone(),
+        };
+        if let Some(c) = &config.control {
+            server.control = Some(Control::bind(c, server.routes(), server.metrics.clone())?);
+        }
+        Ok(server)
+    }
+
+    /// The control API's bound address, if it is enabled.
+    pub fn control_addr(&self) -> Option<SocketAddr> {
+        self.control.as_ref().map(Control::local_addr)
+    }
+
+    /// The server's metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The routes, with their bound addresses.
@@ -152,13 +179,25 @@ impl Server {
         let stop_accepting = CancellationToken::new();
         let kill = CancellationToken::new();
         let tracker = TaskTracker::new();
-        for r in self.routes() {
-            log_route(&r);
+        let handles = self.routes();
+        for r in &handles {
+            log_route(r);
         }
+        let stop_control = CancellationToken::new();
+        let control = self
+            .control
+            .map(|c| tokio::spawn(c.serve(stop_control.clone())));
+        let upkeep = tokio::spawn(upkeep(self.metrics.clone()));
+        let reload = self
+            .source
+            .map(|path| tokio::spawn(reload_on_sighup(path, handles.clone())));
         for route in self.routes {
             tracker.spawn(route.run(stop_accepting.clone(), kill.clone(), tracker.clone()));
         }
         shutdown.await;
+        if let Some(r) = &reload {
+            r.abort();
+        }
         info!(drain_timeout = ?self.drain_timeout, "shutting down: no new connections, draining open ones");
         stop_accepting.cancel();
         tracker.close();
@@ -173,6 +212,12 @@ impl Server {
             kill.cancel();
             tracker.wait().await;
         }
+        upkeep.abort();
+        stop_control.cancel();
+        if let Some(c) = control {
+            // A client that keeps a connection open must not hold the exit up.
+            let _ = tokio::time::timeout(Duration::from_secs(1), c).await;
+        }
         info!("stopped");
     }
 }
@@ -182,6 +227,7 @@ fn bind_route(
     connect_timeout: Duration,
     sink: Option<Arc<RecordSink>>,
     options: RouteOptions,
+    metrics: &Metrics,
 ) -> Result<Route, StartError> {
     let addr = parse_listen(&r.listen).map_err(|reason| StartError::Address {
         route: r.name.clone(),
@@ -194,7 +240,12 @@ fn bind_route(
         source,
     })?;
     let link = Link::new(r.shape, r.delay);
-    let accounting = Arc::new(RouteAccounting::new(r.name.clone(), link.clone(), sink));
+    let accounting = Arc::new(RouteAccounting::new(
+        r.name.clone(),
+        link.clone(),
+        sink,
+        metrics.route(&r.name),
+    ));
     Ok(Route::new(
         r.name.clone(),
         listener,
@@ -231,5 +282,67 @@ fn log_route(r: &RouteHandle) {
     );
     if !r.local_addr.ip().is_loopback() {
         info!(route = %r.name, listen = %r.local_addr, "route listens on a non-loopback address");
+    }
+}
+
+/// Drains histogram samples into their buckets now and then (rendering does it too).
+async fn upkeep(metrics: Arc<Metrics>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        metrics.upkeep();
+    }
+}
+
+/// Re-reads the config file on every SIGHUP and applies link changes.
+async fn reload_on_sighup(path: std::path::PathBuf, routes: Vec<RouteHandle>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot install the SIGHUP handler; config reload is off");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        info!(path = %path.display(), "SIGHUP: re-reading the config file");
+        match Config::from_file(&path) {
+            Ok(config) => apply_reload(&config, &routes),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "config reload failed; the running settings stay in force")
+            }
+        }
+    }
+}
+
+/// Applies a re-read configuration to the running routes: link settings change live (same
+/// rules as the control API); what needs a restart (routes added or removed, listen or
+/// upstream changed) is logged and left as it is.
+pub fn apply_reload(config: &Config, routes: &[RouteHandle]) {
+    for new in &config.routes {
+        let Some(r) = routes.iter().find(|r| r.name == new.name) else {
+            warn!(route = %new.name, "config reload: new route ignored (adding routes needs a restart)");
+            continue;
+        };
+        if new.upstream != r.upstream {
+            warn!(route = %new.name, running = %r.upstream, file = %new.upstream, "config reload: upstream change ignored (needs a restart)");
+        }
+        if parse_listen(&new.listen).ok() != Some(r.local_addr) && !new.listen.ends_with(":0") {
+            warn!(route = %new.name, running = %r.local_addr, file = %new.listen, "config reload: listen change ignored (needs a restart)");
+        }
+        if new.shape != r.link.shape() || new.delay != r.link.delay() {
+            let update = LinkUpdate {
+                rate: Some(new.shape.rate),
+                burst: Some(new.shape.burst),
+                framing: Some(new.shape.framing),
+                delay: Some(new.delay),
+            };
+            r.accounting.change_link(&update, "SIGHUP");
+        }
+    }
+    for r in routes {
+        if !config.routes.iter().any(|n| n.name == r.name) {
+            warn!(route = %r.name, "config reload: route missing from the file keeps running (removing routes needs a restart)");
+        }
     }
 }

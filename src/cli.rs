@@ -45,6 +45,111 @@ pub enum Command {
     /// Replay a real QEMU migration (bundled, or a capture directory) through an
     /// in-process migshaper at 1 Gb/s and at 10 Gb/s and print both records side by side.
     Demo(DemoArgs),
+    /// Show or change a running server's link (through its control API).
+    #[command(subcommand)]
+    Link(LinkCommand),
+    /// Show a running server's routes, links and active migrations.
+    Status(StatusArgs),
+}
+
+/// How to reach a running server's control API.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// The server's control API.
+    #[arg(
+        long,
+        env = "MIGSHAPER_CONTROL",
+        default_value = "http://127.0.0.1:9464"
+    )]
+    pub control: String,
+    /// Bearer token for changes (when the server was started with one).
+    #[arg(long, env = crate::control::TOKEN_ENV, hide_env_values = true)]
+    pub control_token: Option<String>,
+}
+
+/// `migshaper link ...`
+#[derive(Debug, Subcommand)]
+pub enum LinkCommand {
+    /// Print the link in force on each route (or one).
+    Get {
+        /// Only this route.
+        #[arg(long)]
+        route: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The server to ask.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Change the link of a route; open connections follow within a chunk, starting with
+    /// an empty bucket.
+    Set(LinkSetArgs),
+    /// Apply a timed sequence of links, e.g. "1g for 60s, 10g for 60s".
+    Schedule(ScheduleArgs),
+}
+
+/// `migshaper link set` arguments.
+#[derive(Debug, Args)]
+pub struct LinkSetArgs {
+    /// New line rate: 1g, 10g, 2.5gbit, 100mbit, 125MB/s, unlimited.
+    #[arg(value_name = "SPEC", required_unless_present_any = ["burst", "delay", "framing"])]
+    pub link: Option<String>,
+    /// The route (may be left out when the server has one route).
+    #[arg(long)]
+    pub route: Option<String>,
+    /// New burst: a duration of line rate or bytes.
+    #[arg(long)]
+    pub burst: Option<String>,
+    /// New one-way delay.
+    #[arg(long)]
+    pub delay: Option<String>,
+    /// New framing: none | ethernet[:MTU].
+    #[arg(long)]
+    pub framing: Option<String>,
+    /// The server to ask.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `migshaper link schedule` arguments.
+#[derive(Debug, Args)]
+pub struct ScheduleArgs {
+    /// Steps separated by commas: `SPEC for DURATION` (the last may omit `for ...`: it stays).
+    #[arg(value_name = "STEPS", required_unless_present = "file")]
+    pub steps: Option<String>,
+    /// Read the steps from a file instead: one per line, `#` comments.
+    #[arg(long, conflicts_with = "steps")]
+    pub file: Option<PathBuf>,
+    /// Run the whole sequence this many times.
+    #[arg(long, default_value_t = 1, conflicts_with = "forever")]
+    pub repeat: u32,
+    /// Repeat until interrupted.
+    #[arg(long)]
+    pub forever: bool,
+    /// The route (may be left out when the server has one route).
+    #[arg(long)]
+    pub route: Option<String>,
+    /// The server to ask.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `migshaper status` arguments.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Refresh until interrupted.
+    #[arg(long)]
+    pub watch: bool,
+    /// Refresh interval with --watch.
+    #[arg(long, default_value = "1s")]
+    pub interval: HumanDuration,
+    /// Print the server's JSON (routes and migrations) instead of the table.
+    #[arg(long, conflicts_with = "watch")]
+    pub json: bool,
+    /// The server to ask.
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 /// `migshaper demo` arguments.
@@ -122,9 +227,23 @@ pub struct ServeArgs {
     /// `migshaper inspect`.
     #[arg(long, value_name = "DIR")]
     pub capture: Option<PathBuf>,
+    /// Control API (HTTP/JSON: metrics, routes, live link changes) address, or `off`.
+    #[arg(long, value_name = "ADDR|off", default_value = crate::control::DEFAULT_CONTROL)]
+    pub control: String,
+    /// Token required for changes through the control API (needed when --control is not
+    /// a loopback address).
+    #[arg(long, env = crate::control::TOKEN_ENV, hide_env_values = true)]
+    pub control_token: Option<String>,
 }
 
 impl ServeArgs {
+    fn control_config(&self) -> Option<crate::control::ControlConfig> {
+        (!self.control.eq_ignore_ascii_case("off")).then(|| crate::control::ControlConfig {
+            addr: self.control.clone(),
+            token: self.control_token.clone(),
+        })
+    }
+
     /// Validates the flags (or loads the file they name) into a [`Config`].
     pub fn into_config(self) -> Result<Config, ConfigError> {
         let timeouts = |c: &mut Config| {
@@ -144,6 +263,7 @@ impl ServeArgs {
                 c.records = self.records.clone();
             }
             c.capture = self.capture.clone();
+            c.control = self.control_config();
             return Ok(c);
         }
         // clap enforces presence; these defaults are never used.
@@ -166,6 +286,7 @@ impl ServeArgs {
             source: None,
             records: self.records.clone(),
             capture: self.capture.clone(),
+            control: self.control_config(),
         };
         timeouts(&mut c);
         c.validate("command line")?;

@@ -93,6 +93,8 @@ pub struct Config {
     pub records: Option<PathBuf>,
     /// Where each connection's bytes are written (`serve --capture`), if anywhere.
     pub capture: Option<PathBuf>,
+    /// The control API, if enabled.
+    pub control: Option<crate::control::ControlConfig>,
 }
 
 // === TOML schema ===
@@ -165,6 +167,7 @@ impl Config {
             source: Some(path.to_path_buf()),
             records: file.records,
             capture: None,
+            control: None,
         };
         config.validate(&origin)?;
         Ok(config)

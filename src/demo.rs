@@ -141,6 +141,7 @@ pub async fn replay_through(replay: &Replay, rate: &str) -> Result<Record, DemoE
         source: None,
         records: None,
         capture: None,
+        control: None,
     };
     let server = Server::bind(&config)?;
     let route = server.routes().remove(0);

@@ -17,6 +17,9 @@
 //! | [`qemu`] | sans-IO parser of the QEMU migration stream, return path and multifd channels: channel kind, phases, QEMU's own RAM counters |
 //! | [`demo`] | `migshaper demo`: a bundled real migration replayed at 1g and 10g through an in-process migshaper |
 //! | [`migration`] | per-migration accounting in the proxy: connections tied to migrations, bytes and time per phase and direction, JSON records |
+//! | [`metrics`] | the Prometheus registry (one per server) and each route's pre-registered handles, bumped live on the hot path |
+//! | [`control`] | the HTTP/JSON control API (axum): `/metrics`, `/routes`, live link changes, `/migrations` |
+//! | [`client`] | `migshaper link get/set/schedule` and `migshaper status`: the control API's CLI client |
 //!
 //! # Data flow
 //! 1. `main` parses [`cli::Cli`] into a [`config::Config`], binds every route
@@ -33,7 +36,13 @@
 //!    into the connection's [`migration::Migration`] (the first connection of a route opens
 //!    one, later ones join it); the reverse tap parses the return path on the main channel.
 //!    When a migration's last connection closes, its record is written (`--records`).
-//! 5. The bucket is pure arithmetic on `now`: reservations are granted first come, first
+//! 5. Everything countable goes to the route's [`metrics::RouteMetrics`] as it happens (bytes
+//!    per phase from the taps, waits from the pumps, phases from the parser events), and the
+//!    control API ([`control`]) renders them and changes a route's link: a change goes
+//!    through [`migration::RouteAccounting::change_link`], which sets the [`link::Link`]
+//!    (empty buckets), updates the gauges and notes the change in the active record.
+//!    SIGHUP re-reads the config file and applies link changes the same way.
+//! 6. The bucket is pure arithmetic on `now`: reservations are granted first come, first
 //!    served, which makes the shared link fair and bounds a small message's wait to the
 //!    chunk ahead of it; the return path has its own bucket, so it never queues behind
 //!    the migration stream.
@@ -42,10 +51,13 @@
 
 pub mod app;
 pub mod cli;
+pub mod client;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod inspect;
 pub mod link;
+pub mod metrics;
 pub mod migration;
 pub mod proxy;
 pub mod qemu;

@@ -16,6 +16,38 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Inspect(args) => inspect(args),
         Command::Demo(args) => demo(args),
+        Command::Link(cmd) => link(cmd),
+        Command::Status(args) => {
+            client_result(migshaper::client::status(&args).map(|()| String::new()))
+        }
+    }
+}
+
+fn link(cmd: migshaper::cli::LinkCommand) -> ExitCode {
+    use migshaper::cli::LinkCommand;
+    use migshaper::client;
+    client_result(match cmd {
+        LinkCommand::Get {
+            route,
+            json,
+            client,
+        } => client::link_get(&client, route.as_deref(), json),
+        LinkCommand::Set(args) => client::link_set(&args),
+        LinkCommand::Schedule(args) => client::link_schedule(&args).map(|()| String::new()),
+    })
+}
+
+/// Prints a client command's output, or its error with exit code 1.
+fn client_result(r: Result<String, migshaper::client::ClientError>) -> ExitCode {
+    match r {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("migshaper: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

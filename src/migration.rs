@@ -21,7 +21,8 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::link::{Direction, Link};
+use crate::link::{Direction, Link, LinkUpdate};
+use crate::metrics::{ConnMeter, RouteMetrics};
 use crate::proxy::pump::Tap;
 use crate::qemu::{
     ChannelKind, EventKind, MultifdLedger, Outcome, Phase, PhaseBytes, RamCounters,
@@ -36,14 +37,7 @@ const PHASES: [Phase; 4] = [
     Phase::Postcopy,
 ];
 
-fn phase_index(p: Phase) -> usize {
-    match p {
-        Phase::Setup => 0,
-        Phase::Precopy => 1,
-        Phase::Downtime => 2,
-        Phase::Postcopy | Phase::ReturnPath => 3,
-    }
-}
+use crate::metrics::phase_index;
 
 fn phase_from_index(i: u8) -> Phase {
     PHASES[usize::from(i).min(3)]
@@ -104,6 +98,9 @@ pub struct RouteAccounting {
     route: String,
     link: Link,
     sink: Option<Arc<RecordSink>>,
+    metrics: RouteMetrics,
+    /// Serialises link changes, so concurrent partial updates never interleave.
+    link_change: Mutex<()>,
     active: Mutex<Option<Arc<Migration>>>,
     recent: Mutex<std::collections::VecDeque<Record>>,
     next_id: AtomicU64,
@@ -113,12 +110,21 @@ pub struct RouteAccounting {
 const RECENT_RECORDS: usize = 32;
 
 impl RouteAccounting {
-    /// Accounting for `route`, writing finished migrations to `sink`.
-    pub fn new(route: String, link: Link, sink: Option<Arc<RecordSink>>) -> Self {
+    /// Accounting for `route`, writing finished migrations to `sink` and live figures to
+    /// `metrics`.
+    pub fn new(
+        route: String,
+        link: Link,
+        sink: Option<Arc<RecordSink>>,
+        metrics: RouteMetrics,
+    ) -> Self {
+        metrics.link(&link.shape(), link.delay());
         RouteAccounting {
             route,
             link,
             sink,
+            metrics,
+            link_change: Mutex::new(()),
             active: Mutex::new(None),
             recent: Mutex::new(std::collections::VecDeque::new()),
             next_id: AtomicU64::new(1),
@@ -143,8 +149,66 @@ impl RouteAccounting {
         ));
         m.lock().open_conns = 1;
         *active = Some(m.clone());
+        self.metrics.migration_started();
         info!(route = %self.route, migration = %m.id, "migration started");
         (m, true)
+    }
+
+    /// The route's metric handles.
+    pub fn metrics(&self) -> &RouteMetrics {
+        &self.metrics
+    }
+
+    /// The route's link.
+    pub fn link(&self) -> &Link {
+        &self.link
+    }
+
+    /// Applies `update` to the route's link: every open connection uses it from its next
+    /// chunk, both buckets start empty (no burst at the switch), the change is logged,
+    /// counted, and appended to the active migration's record. Returns the link now in
+    /// force.
+    pub fn change_link(&self, update: &LinkUpdate, origin: &str) -> LinkEntry {
+        let _serial = self.link_change.lock().unwrap_or_else(|p| p.into_inner());
+        let (old_shape, old_delay) = (self.link.shape(), self.link.delay());
+        let (shape, delay) = update.apply(old_shape, old_delay);
+        self.link.set(shape, delay);
+        self.metrics.link(&shape, delay);
+        self.metrics.link_changed();
+        let entry = LinkEntry::now(&self.link);
+        let migration = self
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(m) = &migration {
+            let mut st = m.lock();
+            if st.open_conns > 0 {
+                st.links.push(entry.clone());
+            }
+        }
+        info!(
+            route = %self.route,
+            origin,
+            link = %entry.link,
+            burst = %entry.burst,
+            framing = %entry.framing,
+            delay = %entry.delay,
+            previous_link = %old_shape.rate,
+            migration = migration.as_ref().map_or("", |m| m.id.as_str()),
+            "link changed"
+        );
+        entry
+    }
+
+    /// The active migration, as seen now.
+    pub fn active(&self) -> Option<ActiveView> {
+        let m = self
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        m.view(Instant::now())
     }
 
     /// The most recently finished migrations, oldest first.
@@ -204,21 +268,18 @@ struct State {
     shut: Option<u32>,
     failure: Option<String>,
     links: Vec<LinkEntry>,
+    /// The main channel's RAM counters so far (multifd channels report at close).
+    live_ram: RamCounters,
+    /// Guest RAM size from the main channel's MEM_SIZE list.
+    ram_total: u64,
 }
 
 impl Migration {
     fn new(id: String, route: Arc<RouteAccounting>) -> Self {
         let start = Instant::now();
-        let shape = route.link.shape();
         let state = State {
             timeline: vec![(Phase::Setup, start)],
-            links: vec![LinkEntry {
-                at: rfc3339(SystemTime::now()),
-                link: shape.rate.to_string(),
-                burst: shape.burst.to_string(),
-                framing: shape.framing.to_string(),
-                delay: crate::spec::HumanDuration(route.link.delay()).to_string(),
-            }],
+            links: vec![LinkEntry::now(&route.link)],
             ..State::default()
         };
         Migration {
@@ -246,6 +307,59 @@ impl Migration {
         if st.failure.is_none() {
             st.failure = Some(cause);
         }
+    }
+
+    fn view(&self, now: Instant) -> Option<ActiveView> {
+        let st = self.lock();
+        if st.open_conns == 0 {
+            return None;
+        }
+        let elapsed = now.saturating_duration_since(self.start);
+        // The last complete second of the per-second series.
+        let last = |d: usize| -> u64 {
+            let sec = elapsed.as_secs() as usize;
+            match sec.checked_sub(1) {
+                Some(i) => st.series[d].get(i).copied().unwrap_or(0),
+                None => {
+                    let s = elapsed.as_secs_f64();
+                    let n = st.series[d].first().copied().unwrap_or(0);
+                    if s > 0.0 { (n as f64 / s) as u64 } else { 0 }
+                }
+            }
+        };
+        let bytes = |d: usize| -> BTreeMap<&'static str, u64> {
+            PHASES
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.as_str(), st.bytes[d][i]))
+                .collect()
+        };
+        let pages = st.live_ram.normal_pages + st.live_ram.zero_pages;
+        Some(ActiveView {
+            id: self.id.clone(),
+            route: self.route.route.clone(),
+            start: rfc3339(self.started),
+            elapsed_s: elapsed.as_secs_f64(),
+            phase: self.phase().as_str(),
+            precopy_passes: st.passes,
+            page_requests: st.page_requests,
+            open_connections: st.open_conns,
+            bytes: DirBytes {
+                to_destination: bytes(0),
+                to_source: bytes(1),
+            },
+            rate_bytes_per_second: RateView {
+                to_destination: last(0),
+                to_source: last(1),
+            },
+            ram_total_bytes: (st.ram_total > 0).then_some(st.ram_total),
+            ram_pages_sent: pages,
+            ram_sent_ratio: match (st.ram_total, st.page_size) {
+                (total, Some(p)) if total > 0 => Some(pages as f64 * f64::from(p) / total as f64),
+                _ => None,
+            },
+            links: st.links.clone(),
+        })
     }
 
     fn add_series(&self, st: &mut State, dir: Direction, n: u64, now: Instant) {
@@ -279,8 +393,13 @@ impl Migration {
         if st.open_conns > 0 {
             return;
         }
-        let record = self.record(&st, now);
+        let (record, phase_times) = self.record(&st, now);
         drop(st);
+        self.route.metrics.migration_ended(
+            &record.outcome,
+            Duration::from_secs_f64(record.duration_s),
+            &phase_times,
+        );
         {
             let mut active = self.route.active.lock().unwrap_or_else(|p| p.into_inner());
             if active.as_ref().is_some_and(|m| m.id == self.id) {
@@ -305,9 +424,13 @@ impl Migration {
         recent.push_back(record);
     }
 
-    fn record(&self, st: &State, now: Instant) -> Record {
+    fn record(&self, st: &State, now: Instant) -> (Record, [Duration; 4]) {
         let (outcome, cause) = if let Some(f) = &st.failure {
-            ("failed", Some(f.clone()))
+            if f.starts_with("interrupted") {
+                ("interrupted", Some(f.clone()))
+            } else {
+                ("failed", Some(f.clone()))
+            }
         } else if let Some(code) = st.shut.filter(|c| *c != 0) {
             ("failed", Some(format!("return-path SHUT code {code}")))
         } else {
@@ -343,7 +466,7 @@ impl Migration {
         };
         let mut ram = st.ram;
         ram.normal_pages = ram.normal_pages.saturating_sub(st.ledger.repeated_pages());
-        Record {
+        let record = Record {
             id: self.id.clone(),
             route: self.route.route.clone(),
             start: rfc3339(self.started),
@@ -383,7 +506,8 @@ impl Migration {
                 to_destination: st.series[0].clone(),
                 to_source: st.series[1].clone(),
             },
-        }
+        };
+        (record, durations)
     }
 }
 
@@ -411,6 +535,8 @@ pub struct ForwardTap {
     last: PhaseBytes,
     /// The main channel's page size was passed on (non-main channels).
     hinted: bool,
+    /// The connection's place in the connection metrics, until its kind is known.
+    meter: Option<Arc<ConnMeter>>,
 }
 
 impl ForwardTap {
@@ -422,7 +548,14 @@ impl ForwardTap {
             parser: StreamParser::new(),
             last: PhaseBytes::default(),
             hinted: false,
+            meter: None,
         }
+    }
+
+    /// Reports the channel kind to `meter` once the first bytes tell it.
+    pub fn with_meter(mut self, meter: Arc<ConnMeter>) -> Self {
+        self.meter = Some(meter);
+        self
     }
 
     fn account(&mut self, n: u64, now: Instant) {
@@ -433,24 +566,40 @@ impl ForwardTap {
             last,
             ..
         } = self;
-        let phases = parser.stats().phases;
+        let stats = parser.stats();
+        let phases = stats.phases;
+        let metrics = &mig.route.metrics;
         let mut st = mig.lock();
         for p in PHASES {
             let d = phases.get(p).saturating_sub(last.get(p));
             st.bytes[0][phase_index(p)] += d;
+            metrics.bytes(Direction::ToDestination, phase_index(p), d);
         }
         *last = phases;
+        if *main {
+            st.live_ram = stats.ram;
+            st.ram_total = stats.ram_total_bytes;
+        }
         mig.add_series(&mut st, Direction::ToDestination, n, now);
         while let Some(ev) = parser.poll_event() {
             match ev.kind {
                 EventKind::PhaseChanged { to, .. } if *main => {
                     st.timeline.push((to, ev.at));
                     mig.phase.store(phase_index(to) as u8, Ordering::Relaxed);
+                    metrics.set_phase(Some(phase_index(to)));
                 }
-                EventKind::PassStarted { pass } if *main => st.passes = st.passes.max(pass),
+                EventKind::PassStarted { pass } if *main => {
+                    metrics.passes(u64::from(pass.saturating_sub(st.passes)));
+                    st.passes = st.passes.max(pass);
+                }
                 EventKind::PageSize(p) if *main => st.page_size = Some(p),
                 EventKind::MultifdPacket(p) => st.ledger.record(&p),
                 _ => {}
+            }
+        }
+        if let Some(kind) = parser.channel() {
+            if let Some(meter) = self.meter.take() {
+                meter.set_channel(kind);
             }
         }
         // Other channels learn the page size from the main channel, once it is known.
@@ -506,7 +655,7 @@ impl ReverseTap {
     fn finish(mut self, now: Instant) {
         if let Some(rp) = &mut self.rp {
             rp.finish(now);
-            drain_rp(rp, &mut self.mig.lock());
+            drain_rp(rp, &mut self.mig.lock(), &self.mig.route.metrics);
         }
     }
 }
@@ -518,20 +667,26 @@ impl Tap for ReverseTap {
             rp.feed(chunk, now);
         }
         let mig = &self.mig;
+        let metrics = &mig.route.metrics;
+        let phase = phase_index(mig.phase());
+        metrics.bytes(Direction::ToSource, phase, chunk.len() as u64);
         let mut st = mig.lock();
-        st.bytes[1][phase_index(mig.phase())] += chunk.len() as u64;
+        st.bytes[1][phase] += chunk.len() as u64;
         mig.add_series(&mut st, Direction::ToSource, chunk.len() as u64, now);
         if let Some(rp) = &mut self.rp {
-            drain_rp(rp, &mut st);
+            drain_rp(rp, &mut st, metrics);
         }
     }
 }
 
 /// Takes the return path's events into the migration.
-fn drain_rp(rp: &mut ReturnPathParser, st: &mut State) {
+fn drain_rp(rp: &mut ReturnPathParser, st: &mut State, metrics: &RouteMetrics) {
     while let Some(ev) = rp.poll_event() {
         match ev.kind {
-            EventKind::PageRequest { .. } => st.page_requests += 1,
+            EventKind::PageRequest { .. } => {
+                st.page_requests += 1;
+                metrics.page_request();
+            }
             EventKind::Shut(code) => st.shut = Some(code),
             _ => {}
         }
@@ -553,7 +708,7 @@ pub fn connection_ended(fwd: ForwardTap, rev: ReverseTap, failure: Option<String
 // === the record ===
 
 /// The link in force at a time.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct LinkEntry {
     /// From when (RFC 3339).
     pub at: String,
@@ -565,6 +720,63 @@ pub struct LinkEntry {
     pub framing: String,
     /// One-way delay.
     pub delay: String,
+}
+
+impl LinkEntry {
+    /// The link in force on `link` now.
+    pub fn now(link: &Link) -> LinkEntry {
+        let shape = link.shape();
+        LinkEntry {
+            at: rfc3339(SystemTime::now()),
+            link: shape.rate.to_string(),
+            burst: shape.burst.to_string(),
+            framing: shape.framing.to_string(),
+            delay: crate::spec::HumanDuration(link.delay()).to_string(),
+        }
+    }
+}
+
+/// A migration in progress, as the control API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ActiveView {
+    /// Unique id.
+    pub id: String,
+    /// Route name.
+    pub route: String,
+    /// First connection accepted (RFC 3339).
+    pub start: String,
+    /// Seconds since the start.
+    pub elapsed_s: f64,
+    /// The main channel's phase.
+    pub phase: &'static str,
+    /// Pre-copy passes so far.
+    pub precopy_passes: u32,
+    /// Post-copy page requests so far.
+    pub page_requests: u64,
+    /// Connections of this migration still open.
+    pub open_connections: u32,
+    /// Bytes per phase and direction so far.
+    pub bytes: DirBytes,
+    /// Bytes in the last complete second.
+    pub rate_bytes_per_second: RateView,
+    /// Guest RAM size, once the setup announced it.
+    pub ram_total_bytes: Option<u64>,
+    /// Pages (normal and zero) the main channel carried so far.
+    pub ram_pages_sent: u64,
+    /// Progress indication: RAM covered by the pages sent so far, as a multiple of guest
+    /// RAM (reaches 1 at the end of the first pass; later passes resend dirty pages).
+    pub ram_sent_ratio: Option<f64>,
+    /// Link settings in force, with the time each took effect.
+    pub links: Vec<LinkEntry>,
+}
+
+/// Bytes per second, per direction.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RateView {
+    /// Source → destination.
+    pub to_destination: u64,
+    /// Destination → source.
+    pub to_source: u64,
 }
 
 /// Bytes per phase, per direction.

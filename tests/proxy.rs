@@ -348,7 +348,7 @@ fn cli_config_errors_exit_2_naming_file_key_and_value() {
         let path = dir.join(file);
         std::fs::write(&path, text).unwrap();
         let out = migshaper()
-            .args(["serve", "--config"])
+            .args(["serve", "--control", "127.0.0.1:0", "--config"])
             .arg(&path)
             .output()
             .unwrap();
@@ -357,7 +357,7 @@ fn cli_config_errors_exit_2_naming_file_key_and_value() {
         assert!(err.contains(file) && err.contains(needle), "{file}: {err}");
     }
     let out = migshaper()
-        .args(["serve", "--config"])
+        .args(["serve", "--control", "127.0.0.1:0", "--config"])
         .arg(dir.join("missing.toml"))
         .output()
         .unwrap();
@@ -366,6 +366,8 @@ fn cli_config_errors_exit_2_naming_file_key_and_value() {
     let out = migshaper()
         .args([
             "serve",
+            "--control",
+            "127.0.0.1:0",
             "--listen",
             "127.0.0.1:0",
             "--upstream",
@@ -382,6 +384,8 @@ fn cli_config_errors_exit_2_naming_file_key_and_value() {
     let out = migshaper()
         .args([
             "serve",
+            "--control",
+            "127.0.0.1:0",
             "--listen",
             &busy.local_addr().unwrap().to_string(),
             "--upstream",
@@ -414,6 +418,8 @@ fn spawn_serve(
     let mut child = migshaper()
         .args([
             "serve",
+            "--control",
+            "127.0.0.1:0",
             "--log-format",
             "json",
             "--listen",

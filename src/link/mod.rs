@@ -59,6 +59,8 @@ pub struct Link {
 struct Inner {
     buckets: [Mutex<TokenBucket>; 2],
     delay_ns: AtomicU64,
+    /// Bumped by every [`Link::set`], so connections notice a change cheaply.
+    generation: AtomicU64,
 }
 
 impl Link {
@@ -72,6 +74,7 @@ impl Link {
                     Mutex::new(TokenBucket::new(shape, now)),
                 ],
                 delay_ns: AtomicU64::new(duration_ns(delay)),
+                generation: AtomicU64::new(0),
             }),
         }
     }
@@ -104,6 +107,12 @@ impl Link {
         self.inner
             .delay_ns
             .store(duration_ns(delay), Ordering::Relaxed);
+        self.inner.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Changes with every [`Link::set`].
+    pub fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
     }
 
     /// The largest chunk a reader should take at once: at most `max`, the burst (so no
@@ -156,6 +165,38 @@ impl Link {
             pacer::sleep_until(at).await;
         }
         wait
+    }
+}
+
+/// A change to a link: any subset of its settings (the rest stay as they are).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LinkUpdate {
+    /// New line rate.
+    pub rate: Option<crate::spec::LinkRate>,
+    /// New burst.
+    pub burst: Option<crate::spec::Burst>,
+    /// New framing.
+    pub framing: Option<crate::spec::Framing>,
+    /// New one-way delay.
+    pub delay: Option<Duration>,
+}
+
+impl LinkUpdate {
+    /// `shape` and `delay` with this update applied.
+    pub fn apply(&self, shape: Shape, delay: Duration) -> (Shape, Duration) {
+        (
+            Shape {
+                rate: self.rate.unwrap_or(shape.rate),
+                burst: self.burst.unwrap_or(shape.burst),
+                framing: self.framing.unwrap_or(shape.framing),
+            },
+            self.delay.unwrap_or(delay),
+        )
+    }
+
+    /// True if nothing would change.
+    pub fn is_empty(&self) -> bool {
+        *self == LinkUpdate::default()
     }
 }
 

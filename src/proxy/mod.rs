@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::link::{Direction, Link};
+use crate::metrics::{ConnMeter, ConnOutcome};
 use crate::migration::{ForwardTap, ReverseTap, RouteAccounting, connection_ended};
 use pump::{CaptureTap, PumpError, pump};
 
@@ -203,13 +204,20 @@ impl Connector {
                 }
             };
             limit_receive_buffer(&client, &self.link);
+            let metrics = self.accounting.metrics().clone();
+            let meter = ConnMeter::open(&metrics);
             let (fwd_tap, rev_tap) = if self.options.no_parse {
-                (None, None)
+                (
+                    Tapped::Unparsed(metrics.unparsed_bytes(Direction::ToDestination)),
+                    Tapped::Unparsed(metrics.unparsed_bytes(Direction::ToSource)),
+                )
             } else {
                 let (migration, main) = self.accounting.attach();
                 (
-                    Some(ForwardTap::new(migration.clone(), main)),
-                    Some(ReverseTap::new(migration, main)),
+                    Tapped::Parsed(
+                        ForwardTap::new(migration.clone(), main).with_meter(meter.clone()),
+                    ),
+                    Tapped::Parsed(ReverseTap::new(migration, main)),
                 )
             };
             let (fwd_capture, rev_capture) = match &self.options.capture {
@@ -222,6 +230,8 @@ impl Connector {
                 link: self.link.clone(),
                 cancel: self.kill.child_token(),
                 kill: self.kill.clone(),
+                meter,
+                metrics,
                 fwd_tap: (fwd_tap, fwd_capture),
                 rev_tap: (rev_tap, rev_capture),
             };
@@ -234,6 +244,7 @@ impl Connector {
 impl Connector {
     /// Records an upstream connect failure in the route's migrations (when it accounts).
     fn connect_failed(&self, cause: String) {
+        self.accounting.metrics().upstream_error();
         if !self.options.no_parse {
             self.accounting.connect_failed(cause);
         }
@@ -288,7 +299,7 @@ const RCVBUF_TIME: Duration = Duration::from_micros(500);
 /// On a shaped link, keeps the backlog in the sender: a small receive window on the
 /// source side means the bytes waiting for the link sit in the source's socket, not in
 /// ours, as they would before a real NIC. Unlimited routes keep kernel autotuning.
-fn limit_receive_buffer(client: &TcpStream, link: &Link) {
+pub(crate) fn limit_receive_buffer(client: &TcpStream, link: &Link) {
     let shape = link.shape();
     if let Some(bits) = shape.framing.payload_rate(shape.rate) {
         let bytes = (bits / 8.0 * RCVBUF_TIME.as_secs_f64()) as usize;
@@ -309,8 +320,27 @@ struct Connection {
     link: Link,
     cancel: CancellationToken,
     kill: CancellationToken,
-    fwd_tap: (Option<ForwardTap>, Option<CaptureTap>),
-    rev_tap: (Option<ReverseTap>, Option<CaptureTap>),
+    meter: Arc<ConnMeter>,
+    metrics: crate::metrics::RouteMetrics,
+    fwd_tap: (Tapped<ForwardTap>, Option<CaptureTap>),
+    rev_tap: (Tapped<ReverseTap>, Option<CaptureTap>),
+}
+
+/// What a direction does with its bytes besides forwarding them.
+enum Tapped<T> {
+    /// Parse and account them in the connection's migration.
+    Parsed(T),
+    /// Only count them (route with parsing off).
+    Unparsed(metrics::Counter),
+}
+
+impl<T: pump::Tap> pump::Tap for Tapped<T> {
+    fn on_chunk(&mut self, chunk: &[u8]) {
+        match self {
+            Tapped::Parsed(t) => t.on_chunk(chunk),
+            Tapped::Unparsed(c) => c.on_chunk(chunk),
+        }
+    }
 }
 
 impl Connection {
@@ -321,8 +351,10 @@ impl Connection {
             link,
             cancel,
             kill,
+            meter,
             fwd_tap,
             rev_tap,
+            metrics,
         } = self;
         let _ = client.set_nodelay(true);
         debug!(local = ?upstream.local_addr().ok(), "connected upstream");
@@ -334,6 +366,7 @@ impl Connection {
                 link.clone(),
                 Direction::ToDestination,
                 cancel.clone(),
+                metrics.wait(Direction::ToDestination),
                 fwd_tap,
             )
             .instrument(span.clone()),
@@ -345,6 +378,7 @@ impl Connection {
                 link,
                 Direction::ToSource,
                 cancel.clone(),
+                metrics.wait(Direction::ToSource),
                 rev_tap,
             )
             .instrument(span),
@@ -359,6 +393,7 @@ impl Connection {
                     to_source = to_src,
                     "connection closed"
                 );
+                meter.close(ConnOutcome::Closed);
                 None
             }
             _ => {
@@ -367,14 +402,22 @@ impl Connection {
                     .into_iter()
                     .filter_map(Result::err)
                     .find(|e| !matches!(e, PumpError::Cancelled));
+                let interrupted = err.is_none() && kill.is_cancelled();
+                meter.close(if interrupted {
+                    ConnOutcome::Interrupted
+                } else {
+                    ConnOutcome::Reset
+                });
                 Some(match err {
                     Some(e) => format!("reset: {e}"),
-                    None if kill.is_cancelled() => "interrupted: drain timeout expired".to_string(),
+                    None if interrupted => "interrupted: drain timeout expired".to_string(),
                     None => "reset".to_string(),
                 })
             }
         };
-        if let (Some((Some(fwd_tap), _)), Some((Some(rev_tap), _))) = (fwd_tap, rev_tap) {
+        if let (Some((Tapped::Parsed(fwd_tap), _)), Some((Tapped::Parsed(rev_tap), _))) =
+            (fwd_tap, rev_tap)
+        {
             connection_ended(fwd_tap, rev_tap, failure);
         }
     }

@@ -54,6 +54,13 @@ pub trait Tap: Send {
     fn on_chunk(&mut self, chunk: &[u8]);
 }
 
+/// Counts forwarded bytes into a metric (routes that do not parse).
+impl Tap for metrics::Counter {
+    fn on_chunk(&mut self, chunk: &[u8]) {
+        self.increment(chunk.len() as u64);
+    }
+}
+
 impl Tap for () {
     fn on_chunk(&mut self, _: &[u8]) {}
 }
@@ -120,16 +127,18 @@ fn sides(dir: Direction) -> (&'static str, &'static str) {
 }
 
 /// Forwards `src` → `dst` through `link` until EOF (then half-closes `dst`), an error, or
-/// `cancel`. Returns the bytes forwarded, and the tap for its final accounting.
+/// `cancel`. Time spent waiting for the link is added to `wait` (seconds). Returns the
+/// bytes forwarded, and the tap for its final accounting.
 pub async fn pump<T: Tap>(
     src: Arc<TcpStream>,
     dst: Arc<TcpStream>,
     link: Link,
     dir: Direction,
     cancel: CancellationToken,
+    wait: metrics::Gauge,
     mut tap: T,
 ) -> (Result<u64, PumpError>, T) {
-    let r = forward(src, dst, link, dir, cancel, &mut tap).await;
+    let r = forward(src, dst, link, dir, cancel, &wait, &mut tap).await;
     (r, tap)
 }
 
@@ -139,9 +148,11 @@ async fn forward<T: Tap>(
     link: Link,
     dir: Direction,
     cancel: CancellationToken,
+    wait: &metrics::Gauge,
     tap: &mut T,
 ) -> Result<u64, PumpError> {
     let (from, to) = sides(dir);
+    let mut generation = link.generation();
     let mut buf: Vec<u8> = Vec::new();
     let mut total = 0u64;
     let mut delay_line: Option<DelayLine> = None;
@@ -166,10 +177,20 @@ async fn forward<T: Tap>(
             }
             return Ok(total);
         }
-        tokio::select! {
+        let waited = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Err(PumpError::Cancelled),
-            _ = link.acquire(dir, n, &mut flow) => {}
+            w = link.acquire(dir, n, &mut flow) => w,
+        };
+        if !waited.is_zero() {
+            wait.increment(waited.as_secs_f64());
+        }
+        if generation != link.generation() {
+            // The link changed: the source's receive window follows the new rate.
+            generation = link.generation();
+            if dir == Direction::ToDestination {
+                super::limit_receive_buffer(&src, &link);
+            }
         }
         let delay = link.delay();
         if delay_line.is_none() && !delay.is_zero() {

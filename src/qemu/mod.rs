@@ -391,6 +391,9 @@ pub struct Stats {
     pub passes: u32,
     /// QEMU's RAM counters.
     pub ram: RamCounters,
+    /// Guest RAM size announced by the MEM_SIZE list at setup (sum of the RAMBlocks'
+    /// used lengths); 0 until seen.
+    pub ram_total_bytes: u64,
     /// Events dropped because more than [`MAX_QUEUED_EVENTS`] were waiting.
     pub dropped_events: u64,
 }

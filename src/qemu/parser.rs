@@ -1025,6 +1025,7 @@ impl MainParser {
                     return;
                 }
                 self.mem_total = w & !RAM_FLAGS_MASK;
+                core.stats.ram_total_bytes = self.mem_total;
                 self.mem_sum = 0;
                 if self.mem_total == 0 {
                     self.ram_word(core);

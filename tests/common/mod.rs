@@ -12,6 +12,8 @@ use tokio::sync::oneshot;
 /// A running in-process server.
 pub struct Running {
     pub routes: Vec<RouteHandle>,
+    /// The control API's address, when the config enables it.
+    pub control: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -53,18 +55,21 @@ pub fn config(routes: Vec<RouteConfig>) -> Config {
         source: None,
         records: None,
         capture: None,
+        control: None,
     }
 }
 
 pub fn start(config: Config) -> Running {
     let server = Server::bind(&config).expect("bind");
     let routes = server.routes();
+    let control = server.control_addr();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(server.run(async move {
         let _ = rx.await;
     }));
     Running {
         routes,
+        control,
         stop: Some(tx),
         task,
     }

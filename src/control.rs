@@ -1,0 +1,468 @@
+//! The control API: HTTP/JSON on `--control ADDR` (default `127.0.0.1:9464`), served with
+//! axum.
+//!
+//! | method and path | does |
+//! |---|---|
+//! | `GET /metrics` | Prometheus text exposition |
+//! | `GET /healthz` | `{"status":"ok"}` while the server runs |
+//! | `GET /routes`, `GET /routes/{name}` | routes with their link in force and active migration |
+//! | `PUT /routes/{name}/link` | change any subset of `link`, `burst`, `delay`, `framing` |
+//! | `GET /migrations[?route=R]` | active migrations (live phase, bytes, rate) and recent records |
+//!
+//! Errors are `{"error": "..."}` with 400 (bad JSON, unknown field, bad value: the field
+//! is named and the link is left unchanged), 401 (missing or wrong token), 404 (unknown
+//! route) or 413 (body over [`MAX_BODY`]). When a token is configured, writes need
+//! `Authorization: Bearer TOKEN`; it is compared in constant time and never logged. A
+//! non-loopback control address without a token is refused at start-up.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::app::RouteHandle;
+use crate::link::LinkUpdate;
+use crate::metrics::Metrics;
+use crate::migration::{ActiveView, Record};
+use crate::spec::{Burst, Framing, HumanDuration, LinkRate};
+
+/// The default control address.
+pub const DEFAULT_CONTROL: &str = "127.0.0.1:9464";
+/// Environment variable holding the control token (server and CLI).
+pub const TOKEN_ENV: &str = "MIGSHAPER_CONTROL_TOKEN";
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// Where the control API listens and the token writes need.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ControlConfig {
+    /// `IP:PORT` to listen on.
+    pub addr: String,
+    /// Bearer token required for writes, if any.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ControlConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("ControlConfig")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// Why the control API cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The address does not parse.
+    #[error("--control {addr:?}: {reason}")]
+    Address {
+        /// As written.
+        addr: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Non-loopback without a token.
+    #[error(
+        "--control {addr}: refusing to serve the control API on a non-loopback address without a token \
+         (anyone who can reach it could change the link); set --control-token or {TOKEN_ENV}, or bind 127.0.0.1"
+    )]
+    NoToken {
+        /// The address.
+        addr: SocketAddr,
+    },
+    /// Binding failed.
+    #[error(
+        "--control {addr}: cannot listen: {source} (is another migshaper running? pick another port with --control)"
+    )]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The socket error.
+        source: std::io::Error,
+    },
+}
+
+/// A bound control API, not yet serving.
+#[derive(Debug)]
+pub struct Control {
+    listener: tokio::net::TcpListener,
+    state: Arc<ApiState>,
+}
+
+#[derive(Debug)]
+struct ApiState {
+    routes: Vec<RouteHandle>,
+    metrics: Arc<Metrics>,
+    token: Option<String>,
+}
+
+impl Control {
+    /// Binds the control address. Refuses a non-loopback address without a token.
+    pub fn bind(
+        config: &ControlConfig,
+        routes: Vec<RouteHandle>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Control, ControlError> {
+        let addr =
+            crate::config::parse_listen(&config.addr).map_err(|reason| ControlError::Address {
+                addr: config.addr.clone(),
+                reason,
+            })?;
+        let token = config.token.clone().filter(|t| !t.is_empty());
+        if !addr.ip().is_loopback() && token.is_none() {
+            return Err(ControlError::NoToken { addr });
+        }
+        let std_listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| ControlError::Bind { addr, source })?;
+        let listener = tokio::net::TcpListener::from_std(std_listener)
+            .map_err(|source| ControlError::Bind { addr, source })?;
+        Ok(Control {
+            listener,
+            state: Arc::new(ApiState {
+                routes,
+                metrics,
+                token,
+            }),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `stop` fires.
+    pub async fn serve(self, stop: CancellationToken) {
+        let addr = self.local_addr();
+        info!(
+            %addr,
+            token = self.state.token.is_some(),
+            "control API listening"
+        );
+        let app = router(self.state);
+        if let Err(e) = axum::serve(self.listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+        {
+            warn!(%addr, error = %e, "control API stopped");
+        }
+    }
+}
+
+fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/routes", get(routes))
+        .route("/routes/{name}", get(route))
+        .route("/routes/{name}/link", put(set_link).get(get_link))
+        .route("/migrations", get(migrations))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// An API error: status and message, rendered as `{"error": "..."}`.
+#[derive(Debug)]
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.0, axum::Json(json!({ "error": self.1 }))).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        r
+    }
+}
+
+fn bad_request(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+async fn not_found() -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "no such endpoint; see GET /routes, /migrations, /metrics, /healthz".into(),
+    )
+}
+
+async fn metrics(State(s): State<Arc<ApiState>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+}
+
+async fn healthz(State(s): State<Arc<ApiState>>) -> impl IntoResponse {
+    axum::Json(json!({ "status": "ok", "routes": s.routes.len() }))
+}
+
+/// The link in force on a route.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LinkView {
+    /// Line rate as written (`1 Gbit/s`-style canonical form).
+    pub link: String,
+    /// Burst as configured.
+    pub burst: String,
+    /// Burst in payload bytes (none when unlimited).
+    pub burst_bytes: Option<u64>,
+    /// Framing charged per segment.
+    pub framing: String,
+    /// One-way delay.
+    pub delay: String,
+    /// Line rate in bit/s (none when unlimited).
+    pub line_rate_bits_per_second: Option<f64>,
+    /// Payload rate after framing, in bit/s (none when unlimited).
+    pub payload_rate_bits_per_second: Option<f64>,
+}
+
+/// A route as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct RouteView {
+    /// Name.
+    pub name: String,
+    /// Bound listen address.
+    pub listen: String,
+    /// Upstream as configured.
+    pub upstream: String,
+    /// The link in force.
+    pub link: LinkView,
+    /// The migration in progress, if any.
+    pub migration: Option<ActiveView>,
+}
+
+fn link_view(r: &RouteHandle) -> LinkView {
+    let shape = r.link.shape();
+    LinkView {
+        link: shape.rate.to_string(),
+        burst: shape.burst.to_string(),
+        burst_bytes: shape.burst_payload_bytes(),
+        framing: shape.framing.to_string(),
+        delay: HumanDuration(r.link.delay()).to_string(),
+        line_rate_bits_per_second: shape.rate.bytes_per_second().map(|b| b * 8.0),
+        payload_rate_bits_per_second: shape.framing.payload_rate(shape.rate),
+    }
+}
+
+fn route_view(r: &RouteHandle) -> RouteView {
+    RouteView {
+        name: r.name.clone(),
+        listen: r.local_addr.to_string(),
+        upstream: r.upstream.clone(),
+        link: link_view(r),
+        migration: r.accounting.active(),
+    }
+}
+
+impl ApiState {
+    fn find(&self, name: &str) -> Result<&RouteHandle, ApiError> {
+        self.routes.iter().find(|r| r.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.routes.iter().map(|r| r.name.as_str()).collect();
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no route named {name:?}; routes: {}", names.join(", ")),
+            )
+        })
+    }
+
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let Some(given) = given else {
+            return Err(ApiError(
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "this server requires a token for changes: send Authorization: Bearer TOKEN (the CLI reads {TOKEN_ENV})"
+                ),
+            ));
+        };
+        if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            Ok(())
+        } else {
+            Err(ApiError(StatusCode::UNAUTHORIZED, "wrong token".into()))
+        }
+    }
+}
+
+/// Compares without an early exit on the first differing byte (the length is not secret).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+async fn routes(State(s): State<Arc<ApiState>>) -> impl IntoResponse {
+    axum::Json(s.routes.iter().map(route_view).collect::<Vec<_>>())
+}
+
+async fn route(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(axum::Json(route_view(s.find(&name)?)))
+}
+
+async fn get_link(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(axum::Json(link_view(s.find(&name)?)))
+}
+
+async fn set_link(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    s.authorize(&headers)?;
+    let r = s.find(&name)?;
+    let update = parse_link_update(&body)?;
+    r.accounting.change_link(&update, "control API");
+    Ok(axum::Json(route_view(r)))
+}
+
+/// Parses a `PUT /routes/{name}/link` body; every error names the field.
+pub fn parse_link_update(body: &[u8]) -> Result<LinkUpdate, String> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        format!(r#"body is not valid JSON ({e}); send e.g. {{"link":"10g","burst":"4ms"}}"#)
+    })?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(r#"body must be a JSON object, e.g. {"link":"10g"}"#.into());
+    };
+    let mut u = LinkUpdate::default();
+    for (key, v) in &map {
+        let Some(text) = v.as_str() else {
+            return Err(format!(
+                "field {key:?}: expected a string (e.g. \"10g\", \"4ms\"), got {v}"
+            ));
+        };
+        let field = |e: &dyn std::fmt::Display| format!("field {key:?}: {e}");
+        match key.as_str() {
+            "link" => u.rate = Some(text.parse::<LinkRate>().map_err(|e| field(&e))?),
+            "burst" => u.burst = Some(text.parse::<Burst>().map_err(|e| field(&e))?),
+            "framing" => u.framing = Some(text.parse::<Framing>().map_err(|e| field(&e))?),
+            "delay" => u.delay = Some(text.parse::<HumanDuration>().map_err(|e| field(&e))?.0),
+            _ => {
+                return Err(format!(
+                    "unknown field {key:?}; the fields are link, burst, delay, framing"
+                ));
+            }
+        }
+    }
+    if u.is_empty() {
+        return Err("nothing to change: give at least one of link, burst, delay, framing".into());
+    }
+    Ok(u)
+}
+
+impl From<String> for ApiError {
+    fn from(msg: String) -> Self {
+        bad_request(msg)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct MigrationsQuery {
+    route: Option<String>,
+}
+
+/// `GET /migrations`.
+#[derive(Debug, Serialize)]
+pub struct MigrationsView {
+    /// In progress.
+    pub active: Vec<ActiveView>,
+    /// Recently finished, oldest first (per route, up to 32 each).
+    pub recent: Vec<Record>,
+}
+
+async fn migrations(
+    State(s): State<Arc<ApiState>>,
+    Query(q): Query<MigrationsQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let selected: Vec<&RouteHandle> = match &q.route {
+        Some(name) => vec![s.find(name)?],
+        None => s.routes.iter().collect(),
+    };
+    let mut view = MigrationsView {
+        active: selected
+            .iter()
+            .filter_map(|r| r.accounting.active())
+            .collect(),
+        recent: selected
+            .iter()
+            .flat_map(|r| r.accounting.recent())
+            .collect(),
+    };
+    view.recent.sort_by(|a, b| a.end.cmp(&b.end));
+    Ok(axum::Json(view))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_update_errors_name_the_field() {
+        let u = parse_link_update(br#"{"link":"10g","delay":"1ms"}"#).unwrap();
+        assert_eq!(u.rate, Some("10g".parse().unwrap()));
+        assert_eq!(u.delay, Some(std::time::Duration::from_millis(1)));
+        assert!(u.burst.is_none() && u.framing.is_none());
+        for (body, needle) in [
+            (&br#"{"link":"fast"}"#[..], "field \"link\""),
+            (br#"{"burst":"-1ms"}"#, "field \"burst\""),
+            (br#"{"framing":"token-ring"}"#, "field \"framing\""),
+            (br#"{"delay":5}"#, "field \"delay\": expected a string"),
+            (br#"{"speed":"1g"}"#, "unknown field \"speed\""),
+            (br#"{"link":"1g""#, "not valid JSON"),
+            (br#"["1g"]"#, "JSON object"),
+            (br#"{}"#, "nothing to change"),
+        ] {
+            let e = parse_link_update(body).unwrap_err();
+            assert!(e.contains(needle), "{e:?} lacks {needle:?}");
+        }
+    }
+
+    #[test]
+    fn tokens_compare_equal_only_when_equal() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let c = ControlConfig {
+            addr: "127.0.0.1:1".into(),
+            token: Some("hunter2".into()),
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

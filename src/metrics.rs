@@ -1,0 +1,522 @@
+//! Prometheus metrics, updated live as bytes flow (not when a connection closes).
+//!
+//! Each [`crate::app::Server`] owns one [`Metrics`] registry (a `metrics-exporter-prometheus`
+//! recorder that is *not* installed globally, so several servers in one process, as in the
+//! tests, never mix their series). Every route pre-registers its handles once
+//! ([`RouteMetrics`]); the hot path then only bumps atomics: no label lookup, no lock.
+//!
+//! Label sets are small and bounded: `route`, `direction` (2), `phase` (5), `channel` (6),
+//! `outcome` (4). Nothing per connection.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::link::{Direction, Shape};
+use crate::qemu::{ChannelKind, Phase};
+
+/// Histogram buckets for migration and phase durations: 0.1 s to 1 h.
+pub const DURATION_BUCKETS: [f64; 15] = [
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 3600.0,
+];
+
+/// The `phase` label values of `migshaper_bytes_total`: the four migration phases, and
+/// `unparsed` for routes that do not parse the stream (`--no-parse`).
+pub const BYTE_PHASES: [&str; 5] = ["setup", "precopy", "downtime", "postcopy", "unparsed"];
+/// Index of `unparsed` in [`BYTE_PHASES`].
+pub const UNPARSED: usize = 4;
+/// The migration phases, as the `phase` label of the migration metrics.
+pub const PHASES: [&str; 4] = ["setup", "precopy", "downtime", "postcopy"];
+/// The `channel` label values: what the first bytes of a connection said it is.
+pub const CHANNELS: [&str; 6] = ["main", "multifd", "preempt", "recovery", "tls", "unknown"];
+const UNKNOWN_CHANNEL: usize = 5;
+/// How a connection ended (`outcome` of `migshaper_connections_total`).
+pub const CONN_OUTCOMES: [&str; 4] = ["closed", "reset", "interrupted", "upstream_error"];
+/// How a migration ended (`outcome` of the migration metrics and records).
+pub const MIGRATION_OUTCOMES: [&str; 4] = ["completed", "failed", "unknown", "interrupted"];
+
+/// Index of a phase in [`PHASES`] (the return path counts as post-copy).
+pub fn phase_index(p: Phase) -> usize {
+    match p {
+        Phase::Setup => 0,
+        Phase::Precopy => 1,
+        Phase::Downtime => 2,
+        Phase::Postcopy | Phase::ReturnPath => 3,
+    }
+}
+
+fn channel_index(kind: ChannelKind) -> usize {
+    match kind {
+        ChannelKind::Main => 0,
+        ChannelKind::Multifd => 1,
+        ChannelKind::Preempt => 2,
+        ChannelKind::Recovery => 3,
+        ChannelKind::Tls => 4,
+        ChannelKind::Unknown => UNKNOWN_CHANNEL,
+    }
+}
+
+fn dir_index(d: Direction) -> usize {
+    match d {
+        Direction::ToDestination => 0,
+        Direction::ToSource => 1,
+    }
+}
+
+/// One server's metrics registry.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric described.
+    pub fn new() -> Arc<Metrics> {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Suffix("_duration_seconds".into()),
+                &DURATION_BUCKETS,
+            )
+            .expect("the bucket list is not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let m = Metrics { recorder, handle };
+        m.describe();
+        Arc::new(m)
+    }
+
+    fn describe(&self) {
+        metrics::with_local_recorder(&self.recorder, || {
+            use metrics::{describe_counter, describe_gauge, describe_histogram};
+            describe_counter!(
+                "migshaper_bytes_total",
+                Unit::Bytes,
+                "Payload bytes forwarded, by direction and by the migration phase they belong to"
+            );
+            describe_gauge!(
+                "migshaper_link_rate_bytes_per_second",
+                "Emulated line rate per direction (0 = unlimited)"
+            );
+            describe_gauge!(
+                "migshaper_link_payload_rate_bytes_per_second",
+                "Payload rate the line rate allows after the framing overhead (0 = unlimited)"
+            );
+            describe_gauge!(
+                "migshaper_link_burst_bytes",
+                Unit::Bytes,
+                "Burst tolerance of each direction's token bucket, in payload bytes"
+            );
+            describe_gauge!(
+                "migshaper_link_delay_seconds",
+                Unit::Seconds,
+                "Emulated one-way propagation delay per direction"
+            );
+            describe_counter!(
+                "migshaper_link_changes_total",
+                "Link changes applied while running (control API or SIGHUP)"
+            );
+            describe_gauge!(
+                "migshaper_shaping_wait_seconds_total",
+                Unit::Seconds,
+                "Time connections spent waiting for link tokens, summed over connections; \
+                 monotonic (a float, hence exported as a gauge): use rate()"
+            );
+            describe_gauge!(
+                "migshaper_connections_active",
+                "Open proxied connections, by channel kind (unknown until the first bytes)"
+            );
+            describe_counter!(
+                "migshaper_connections_total",
+                "Finished connections by channel kind and outcome"
+            );
+            describe_counter!(
+                "migshaper_upstream_connect_errors_total",
+                "Upstream connects that failed or timed out"
+            );
+            describe_gauge!("migshaper_migrations_active", "Migrations in progress");
+            describe_counter!(
+                "migshaper_migrations_total",
+                "Finished migrations by outcome"
+            );
+            describe_histogram!(
+                "migshaper_migration_duration_seconds",
+                Unit::Seconds,
+                "Migration duration (first connection to last close) by outcome"
+            );
+            describe_histogram!(
+                "migshaper_migration_phase_duration_seconds",
+                Unit::Seconds,
+                "Time finished migrations spent in each phase"
+            );
+            describe_gauge!(
+                "migshaper_migration_phase",
+                "1 for the phase the active migration is in, else 0"
+            );
+            describe_counter!(
+                "migshaper_precopy_passes_total",
+                "Pre-copy passes over guest RAM started"
+            );
+            describe_counter!(
+                "migshaper_postcopy_page_requests_total",
+                "Post-copy page requests seen on the return path"
+            );
+        });
+    }
+
+    /// Pre-registers every series of route `route` (they appear at 0 before any traffic).
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        let r = route.to_string();
+        metrics::with_local_recorder(&self.recorder, || {
+            use metrics::{counter, gauge, histogram};
+            let dirs = Direction::ALL.map(|d| d.as_str());
+            let inner = RouteInner {
+                bytes: dirs.map(|d| {
+                    BYTE_PHASES.map(|p| {
+                        counter!("migshaper_bytes_total", "route" => r.clone(), "direction" => d, "phase" => p)
+                    })
+                }),
+                rate: dirs.map(|d| {
+                    gauge!("migshaper_link_rate_bytes_per_second", "route" => r.clone(), "direction" => d)
+                }),
+                payload_rate: dirs.map(|d| {
+                    gauge!("migshaper_link_payload_rate_bytes_per_second", "route" => r.clone(), "direction" => d)
+                }),
+                burst: gauge!("migshaper_link_burst_bytes", "route" => r.clone()),
+                delay: gauge!("migshaper_link_delay_seconds", "route" => r.clone()),
+                changes: counter!("migshaper_link_changes_total", "route" => r.clone()),
+                wait: dirs.map(|d| {
+                    gauge!("migshaper_shaping_wait_seconds_total", "route" => r.clone(), "direction" => d)
+                }),
+                conns_active: CHANNELS
+                    .map(|c| gauge!("migshaper_connections_active", "route" => r.clone(), "channel" => c)),
+                conns_total: CHANNELS.map(|c| {
+                    CONN_OUTCOMES.map(|o| {
+                        counter!("migshaper_connections_total", "route" => r.clone(), "channel" => c, "outcome" => o)
+                    })
+                }),
+                upstream_errors: counter!("migshaper_upstream_connect_errors_total", "route" => r.clone()),
+                migrations_active: gauge!("migshaper_migrations_active", "route" => r.clone()),
+                migrations_total: MIGRATION_OUTCOMES
+                    .map(|o| counter!("migshaper_migrations_total", "route" => r.clone(), "outcome" => o)),
+                duration: MIGRATION_OUTCOMES.map(|o| {
+                    histogram!("migshaper_migration_duration_seconds", "route" => r.clone(), "outcome" => o)
+                }),
+                phase_duration: PHASES.map(|p| {
+                    histogram!("migshaper_migration_phase_duration_seconds", "route" => r.clone(), "phase" => p)
+                }),
+                phase: PHASES
+                    .map(|p| gauge!("migshaper_migration_phase", "route" => r.clone(), "phase" => p)),
+                passes: counter!("migshaper_precopy_passes_total", "route" => r.clone()),
+                page_requests: counter!("migshaper_postcopy_page_requests_total", "route" => r.clone()),
+            };
+            RouteMetrics {
+                inner: Arc::new(inner),
+            }
+        })
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn render(&self) -> String {
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+
+    /// Drains histogram samples into their buckets; call every few seconds.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+/// A route's pre-registered metric handles. Cheap to clone.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    inner: Arc<RouteInner>,
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouteMetrics")
+    }
+}
+
+struct RouteInner {
+    bytes: [[Counter; 5]; 2],
+    rate: [Gauge; 2],
+    payload_rate: [Gauge; 2],
+    burst: Gauge,
+    delay: Gauge,
+    changes: Counter,
+    wait: [Gauge; 2],
+    conns_active: [Gauge; 6],
+    conns_total: [[Counter; 4]; 6],
+    upstream_errors: Counter,
+    migrations_active: Gauge,
+    migrations_total: [Counter; 4],
+    duration: [Histogram; 4],
+    phase_duration: [Histogram; 4],
+    phase: [Gauge; 4],
+    passes: Counter,
+    page_requests: Counter,
+}
+
+impl RouteMetrics {
+    /// Handles bound to a private registry nobody renders (tools and tests that need no
+    /// metrics).
+    pub fn detached(route: &str) -> RouteMetrics {
+        Metrics::new().route(route)
+    }
+
+    /// Counts `n` bytes of `dir` in byte-phase `phase` (an index into [`BYTE_PHASES`]).
+    pub fn bytes(&self, dir: Direction, phase: usize, n: u64) {
+        if n > 0 {
+            self.inner.bytes[dir_index(dir)][phase.min(UNPARSED)].increment(n);
+        }
+    }
+
+    /// The counter of `dir` for a route that does not parse.
+    pub fn unparsed_bytes(&self, dir: Direction) -> Counter {
+        self.inner.bytes[dir_index(dir)][UNPARSED].clone()
+    }
+
+    /// Sets the link gauges to `shape` and `delay`.
+    pub fn link(&self, shape: &Shape, delay: Duration) {
+        let line = shape.rate.bytes_per_second().unwrap_or(0.0);
+        let payload = shape
+            .framing
+            .payload_rate(shape.rate)
+            .map_or(0.0, |b| b / 8.0);
+        for d in 0..2 {
+            self.inner.rate[d].set(line);
+            self.inner.payload_rate[d].set(payload);
+        }
+        self.inner
+            .burst
+            .set(shape.burst_payload_bytes().map_or(0.0, |b| b as f64));
+        self.inner.delay.set(delay.as_secs_f64());
+    }
+
+    /// Counts a link change.
+    pub fn link_changed(&self) {
+        self.inner.changes.increment(1);
+    }
+
+    /// The shaping-wait accumulator of `dir`.
+    pub fn wait(&self, dir: Direction) -> Gauge {
+        self.inner.wait[dir_index(dir)].clone()
+    }
+
+    /// Counts a failed upstream connect (and the connection it ended).
+    pub fn upstream_error(&self) {
+        self.inner.upstream_errors.increment(1);
+        self.inner.conns_total[UNKNOWN_CHANNEL][3].increment(1);
+    }
+
+    /// A migration started: it is active and in setup.
+    pub fn migration_started(&self) {
+        self.inner.migrations_active.increment(1.0);
+        self.set_phase(Some(0));
+    }
+
+    /// The active migration entered `phase` (index into [`PHASES`]).
+    pub fn set_phase(&self, phase: Option<usize>) {
+        for (i, g) in self.inner.phase.iter().enumerate() {
+            g.set(if Some(i) == phase { 1.0 } else { 0.0 });
+        }
+    }
+
+    /// A pre-copy pass started.
+    pub fn passes(&self, n: u64) {
+        self.inner.passes.increment(n);
+    }
+
+    /// A post-copy page request passed on the return path.
+    pub fn page_request(&self) {
+        self.inner.page_requests.increment(1);
+    }
+
+    /// A migration ended with `outcome` (one of [`MIGRATION_OUTCOMES`]) after `duration`,
+    /// having spent `phases[i]` in phase `i`.
+    pub fn migration_ended(&self, outcome: &str, duration: Duration, phases: &[Duration; 4]) {
+        let i = MIGRATION_OUTCOMES
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(1);
+        self.inner.migrations_active.decrement(1.0);
+        self.inner.migrations_total[i].increment(1);
+        self.inner.duration[i].record(duration.as_secs_f64());
+        for (p, d) in phases.iter().enumerate() {
+            if !d.is_zero() {
+                self.inner.phase_duration[p].record(d.as_secs_f64());
+            }
+        }
+        self.set_phase(None);
+    }
+}
+
+/// One connection's place in `migshaper_connections_active` / `_total`: counted as
+/// `unknown` until its first bytes tell its channel kind.
+#[derive(Debug)]
+pub struct ConnMeter {
+    metrics: RouteMetrics,
+    channel: AtomicUsize,
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnOutcome {
+    /// Both directions ended with EOF.
+    Closed,
+    /// A socket error (reset, broken pipe) on either side.
+    Reset,
+    /// Closed by migshaper at the end of the drain timeout.
+    Interrupted,
+}
+
+impl ConnMeter {
+    /// A connection opened.
+    pub fn open(metrics: &RouteMetrics) -> Arc<ConnMeter> {
+        metrics.inner.conns_active[UNKNOWN_CHANNEL].increment(1.0);
+        Arc::new(ConnMeter {
+            metrics: metrics.clone(),
+            channel: AtomicUsize::new(UNKNOWN_CHANNEL),
+        })
+    }
+
+    /// The connection's channel kind became known.
+    pub fn set_channel(&self, kind: ChannelKind) {
+        let new = channel_index(kind);
+        let old = self.channel.swap(new, Ordering::Relaxed);
+        if old != new {
+            self.metrics.inner.conns_active[old].decrement(1.0);
+            self.metrics.inner.conns_active[new].increment(1.0);
+        }
+    }
+
+    /// The connection closed.
+    pub fn close(&self, outcome: ConnOutcome) {
+        let c = self.channel.load(Ordering::Relaxed);
+        self.metrics.inner.conns_active[c].decrement(1.0);
+        self.metrics.inner.conns_total[c][outcome as usize].increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn series_exist_before_traffic_and_move_live() {
+        let m = Metrics::new();
+        let r = m.route("r1");
+        let text = m.render();
+        assert_eq!(
+            value(
+                &text,
+                r#"migshaper_bytes_total{route="r1",direction="to_destination",phase="precopy"}"#
+            ),
+            Some(0.0),
+            "{text}"
+        );
+        r.bytes(Direction::ToDestination, 1, 1000);
+        r.bytes(Direction::ToSource, 3, 64);
+        let shape = Shape {
+            rate: "1g".parse().unwrap(),
+            burst: "2ms".parse().unwrap(),
+            framing: "none".parse().unwrap(),
+        };
+        r.link(&shape, Duration::from_millis(5));
+        let c = ConnMeter::open(&r);
+        c.set_channel(ChannelKind::Multifd);
+        let text = m.render();
+        let v = |s: &str| value(&text, s).unwrap_or_else(|| panic!("{s} missing in\n{text}"));
+        assert_eq!(
+            v(r#"migshaper_bytes_total{route="r1",direction="to_destination",phase="precopy"}"#),
+            1000.0
+        );
+        assert_eq!(
+            v(r#"migshaper_bytes_total{route="r1",direction="to_source",phase="postcopy"}"#),
+            64.0
+        );
+        assert_eq!(
+            v(r#"migshaper_link_rate_bytes_per_second{route="r1",direction="to_source"}"#),
+            125e6
+        );
+        assert_eq!(v(r#"migshaper_link_burst_bytes{route="r1"}"#), 250_000.0);
+        assert_eq!(v(r#"migshaper_link_delay_seconds{route="r1"}"#), 0.005);
+        assert_eq!(
+            v(r#"migshaper_connections_active{route="r1",channel="multifd"}"#),
+            1.0
+        );
+        assert_eq!(
+            v(r#"migshaper_connections_active{route="r1",channel="unknown"}"#),
+            0.0
+        );
+        c.close(ConnOutcome::Reset);
+        r.migration_started();
+        r.migration_ended(
+            "completed",
+            Duration::from_secs(3),
+            &[
+                Duration::from_millis(50),
+                Duration::from_secs(2),
+                Duration::ZERO,
+                Duration::from_secs(1),
+            ],
+        );
+        let text = m.render();
+        let v = |s: &str| value(&text, s).unwrap_or_else(|| panic!("{s} missing in\n{text}"));
+        assert_eq!(
+            v(r#"migshaper_connections_total{route="r1",channel="multifd",outcome="reset"}"#),
+            1.0
+        );
+        assert_eq!(
+            v(r#"migshaper_migrations_total{route="r1",outcome="completed"}"#),
+            1.0
+        );
+        assert_eq!(
+            v(
+                r#"migshaper_migration_duration_seconds_bucket{route="r1",outcome="completed",le="5"}"#
+            ),
+            1.0
+        );
+        assert_eq!(
+            v(
+                r#"migshaper_migration_duration_seconds_bucket{route="r1",outcome="completed",le="2.5"}"#
+            ),
+            0.0
+        );
+        assert_eq!(
+            v(r#"migshaper_migration_phase_duration_seconds_count{route="r1",phase="downtime"}"#),
+            0.0
+        );
+        assert_eq!(v(r#"migshaper_migrations_active{route="r1"}"#), 0.0);
+    }
+
+    #[test]
+    fn registries_are_separate() {
+        let a = Metrics::new();
+        let b = Metrics::new();
+        a.route("x").bytes(Direction::ToDestination, 0, 5);
+        b.route("y");
+        assert!(!b.render().contains("route=\"x\""));
+        assert!(a.render().contains("route=\"x\""));
+    }
+}
