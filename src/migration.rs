@@ -315,16 +315,17 @@ impl Migration {
             return None;
         }
         let elapsed = now.saturating_duration_since(self.start);
-        // The last complete second of the per-second series.
+        // The last complete second of the series (or the mean so far, in the first one).
         let last = |d: usize| -> u64 {
-            let sec = elapsed.as_secs() as usize;
-            match sec.checked_sub(1) {
-                Some(i) => st.series[d].get(i).copied().unwrap_or(0),
-                None => {
-                    let s = elapsed.as_secs_f64();
-                    let n = st.series[d].first().copied().unwrap_or(0);
-                    if s > 0.0 { (n as f64 / s) as u64 } else { 0 }
-                }
+            let now_slot = series_slot(elapsed);
+            let per_s = (Duration::from_secs(1).as_nanos() / SERIES_INTERVAL.as_nanos()) as usize;
+            let s = &st.series[d];
+            if now_slot >= per_s {
+                s.iter().skip(now_slot - per_s).take(per_s).sum()
+            } else {
+                let secs = elapsed.as_secs_f64();
+                let n: u64 = s.iter().sum();
+                if secs > 0.0 { (n as f64 / secs) as u64 } else { 0 }
             }
         };
         let bytes = |d: usize| -> BTreeMap<&'static str, u64> {
@@ -363,7 +364,7 @@ impl Migration {
     }
 
     fn add_series(&self, st: &mut State, dir: Direction, n: u64, now: Instant) {
-        let sec = now.saturating_duration_since(self.start).as_secs() as usize;
+        let sec = series_slot(now.saturating_duration_since(self.start));
         let s = &mut st.series[dir_index(dir)];
         if s.len() <= sec {
             s.resize(sec + 1, 0);
@@ -502,13 +503,21 @@ impl Migration {
             channels: st.channels.clone(),
             opaque_bytes: st.opaque_bytes,
             series: Series {
-                interval_s: 1.0,
+                interval_s: SERIES_INTERVAL.as_secs_f64(),
                 to_destination: st.series[0].clone(),
                 to_source: st.series[1].clone(),
             },
         };
         (record, durations)
     }
+}
+
+/// Time resolution of a record's throughput series: fine enough to plot a migration of a
+/// second at 10 Gb/s, coarse enough to keep an hour-long one at 36,000 entries.
+const SERIES_INTERVAL: Duration = Duration::from_millis(100);
+
+fn series_slot(since_start: Duration) -> usize {
+    (since_start.as_nanos() / SERIES_INTERVAL.as_nanos()) as usize
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -810,7 +819,7 @@ pub struct RamRecord {
 pub struct Series {
     /// Seconds per entry.
     pub interval_s: f64,
-    /// Source → destination bytes per interval since the start.
+    /// Source → destination bytes per interval since the start (interval 0.1 s).
     pub to_destination: Vec<u64>,
     /// Destination → source bytes per interval since the start.
     pub to_source: Vec<u64>,
