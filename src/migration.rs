@@ -325,7 +325,11 @@ impl Migration {
             } else {
                 let secs = elapsed.as_secs_f64();
                 let n: u64 = s.iter().sum();
-                if secs > 0.0 { (n as f64 / secs) as u64 } else { 0 }
+                if secs > 0.0 {
+                    (n as f64 / secs) as u64
+                } else {
+                    0
+                }
             }
         };
         let bytes = |d: usize| -> BTreeMap<&'static str, u64> {
