@@ -127,6 +127,7 @@ impl Server {
             let options = RouteOptions {
                 no_parse: !r.parse,
                 capture,
+                max_connections: r.max_connections,
             };
             routes.push(bind_route(
                 r,
@@ -179,6 +180,13 @@ impl Server {
         let stop_accepting = CancellationToken::new();
         let kill = CancellationToken::new();
         let tracker = TaskTracker::new();
+        // Installed before anything is logged: a SIGHUP must never find the default
+        // action (terminate) in place, with or without a config file.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(
+                |e| warn!(error = %e, "cannot install the SIGHUP handler; config reload is off"),
+            )
+            .ok();
         let handles = self.routes();
         for r in &handles {
             log_route(r);
@@ -188,9 +196,8 @@ impl Server {
             .control
             .map(|c| tokio::spawn(c.serve(stop_control.clone())));
         let upkeep = tokio::spawn(upkeep(self.metrics.clone()));
-        let reload = self
-            .source
-            .map(|path| tokio::spawn(reload_on_sighup(path, handles.clone())));
+        let reload =
+            hup.map(|hup| tokio::spawn(reload_on_sighup(hup, self.source, handles.clone())));
         for route in self.routes {
             tracker.spawn(route.run(stop_accepting.clone(), kill.clone(), tracker.clone()));
         }
@@ -295,18 +302,18 @@ async fn upkeep(metrics: Arc<Metrics>) {
 }
 
 /// Re-reads the config file on every SIGHUP and applies link changes.
-async fn reload_on_sighup(path: std::path::PathBuf, routes: Vec<RouteHandle>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "cannot install the SIGHUP handler; config reload is off");
-            return;
-        }
-    };
+async fn reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
+    path: Option<std::path::PathBuf>,
+    routes: Vec<RouteHandle>,
+) {
     while hup.recv().await.is_some() {
+        let Some(path) = &path else {
+            info!("SIGHUP: nothing to reload (started without --config); ignored");
+            continue;
+        };
         info!(path = %path.display(), "SIGHUP: re-reading the config file");
-        match Config::from_file(&path) {
+        match Config::from_file(path) {
             Ok(config) => apply_reload(&config, &routes),
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, "config reload failed; the running settings stay in force")

@@ -227,6 +227,9 @@ pub struct ServeArgs {
     /// `migshaper inspect`.
     #[arg(long, value_name = "DIR")]
     pub capture: Option<PathBuf>,
+    /// Connections a route keeps open at once; more are refused (logged and counted).
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_CONNECTIONS, conflicts_with = "config")]
+    pub max_connections: usize,
     /// Control API (HTTP/JSON: metrics, routes, live link changes) address, or `off`.
     #[arg(long, value_name = "ADDR|off", default_value = crate::control::DEFAULT_CONTROL)]
     pub control: String,
@@ -278,6 +281,7 @@ impl ServeArgs {
             },
             delay: self.delay.unwrap_or_default().0,
             parse: !self.no_parse,
+            max_connections: self.max_connections,
         };
         let mut c = Config {
             routes: vec![route],

@@ -76,7 +76,14 @@ pub struct RouteConfig {
     /// Parse the QEMU stream and account migrations (`parse = false`: forward and shape
     /// only).
     pub parse: bool,
+    /// Connections open at once (accepted and not yet closed); more are refused.
+    pub max_connections: usize,
 }
+
+/// Default per-route connection limit: QEMU opens at most 1 main + 255 multifd + 1 preempt
+/// channels per migration; 1024 leaves room for several migrations and stray clients while
+/// bounding file descriptors (2 per connection) well under the raised RLIMIT_NOFILE.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 /// Everything `serve` runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -120,6 +127,7 @@ struct FileRoute {
     framing: Option<Framing>,
     delay: Option<HumanDuration>,
     parse: Option<bool>,
+    max_connections: Option<usize>,
 }
 
 impl Config {
@@ -156,6 +164,7 @@ impl Config {
                 },
                 delay: r.delay.unwrap_or_default().0,
                 parse: r.parse.unwrap_or(true),
+                max_connections: r.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             })
             .collect();
         let config = Config {
@@ -213,6 +222,13 @@ impl Config {
             }
             check_host_port(&r.upstream)
                 .map_err(|reason| invalid("upstream", &r.upstream, reason))?;
+            if r.max_connections == 0 {
+                return Err(invalid(
+                    "max_connections",
+                    "0",
+                    "must be at least 1 (QEMU needs one connection per channel)".into(),
+                ));
+            }
         }
         Ok(())
     }

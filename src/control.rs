@@ -172,6 +172,7 @@ fn router(state: Arc<ApiState>) -> Router {
         .route("/routes/{name}/link", put(set_link).get(get_link))
         .route("/migrations", get(migrations))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
@@ -253,13 +254,16 @@ pub struct RouteView {
 }
 
 fn link_view(r: &RouteHandle) -> LinkView {
-    let shape = r.link.shape();
+    link_view_of(r.link.shape(), r.link.delay())
+}
+
+fn link_view_of(shape: crate::link::Shape, delay: std::time::Duration) -> LinkView {
     LinkView {
         link: shape.rate.to_string(),
         burst: shape.burst.to_string(),
         burst_bytes: shape.burst_payload_bytes(),
         framing: shape.framing.to_string(),
-        delay: HumanDuration(r.link.delay()).to_string(),
+        delay: HumanDuration(delay).to_string(),
         line_rate_bits_per_second: shape.rate.bytes_per_second().map(|b| b * 8.0),
         payload_rate_bits_per_second: shape.framing.payload_rate(shape.rate),
     }
@@ -337,15 +341,34 @@ async fn get_link(
 
 async fn set_link(
     State(s): State<Arc<ApiState>>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     s.authorize(&headers)?;
+    let Path(name) = name.map_err(rejected)?;
     let r = s.find(&name)?;
+    let body = body.map_err(rejected)?;
     let update = parse_link_update(&body)?;
-    r.accounting.change_link(&update, "control API");
-    Ok(axum::Json(route_view(r)))
+    let (shape, delay) = r.accounting.change_link(&update, "control API");
+    // The answer shows this request's link, even if another change follows at once.
+    let mut view = route_view(r);
+    view.link = link_view_of(shape, delay);
+    Ok(axum::Json(view))
+}
+
+/// An extractor's rejection (body too large, bad path or query) as a JSON error.
+fn rejected(e: impl IntoResponse + std::fmt::Display) -> ApiError {
+    let msg = e.to_string();
+    let status = e.into_response().status();
+    ApiError(status, msg)
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed: reads are GET, link changes are PUT /routes/{name}/link".into(),
+    )
 }
 
 /// Parses a `PUT /routes/{name}/link` body; every error names the field.
@@ -404,8 +427,9 @@ pub struct MigrationsView {
 
 async fn migrations(
     State(s): State<Arc<ApiState>>,
-    Query(q): Query<MigrationsQuery>,
+    q: Result<Query<MigrationsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
+    let Query(q) = q.map_err(rejected)?;
     let selected: Vec<&RouteHandle> = match &q.route {
         Some(name) => vec![s.find(name)?],
         None => s.routes.iter().collect(),

@@ -63,6 +63,13 @@ pub mod proxy;
 pub mod qemu;
 pub mod spec;
 
+/// Raises the soft limit on open files to the hard limit (each proxied connection holds
+/// two sockets; Debian's default soft limit of 1024 would cap a route near 500
+/// connections). Returns the limit now in force.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX)
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};

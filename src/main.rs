@@ -146,6 +146,25 @@ fn serve(args: migshaper::cli::ServeArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    match migshaper::raise_fd_limit() {
+        Ok(limit) => {
+            // Two sockets per connection, plus listeners, the control API and some slack.
+            let need: u64 = config
+                .routes
+                .iter()
+                .map(|r| 2 * r.max_connections as u64 + 1)
+                .sum::<u64>()
+                + 64;
+            if limit < need {
+                tracing::warn!(
+                    open_files_limit = limit,
+                    needed = need,
+                    "the open-files limit is below what max_connections allows; accepts will fail with EMFILE before the limit is reached (raise `ulimit -Hn` or lower max_connections)"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    }
     rt.block_on(async {
         let server = match Server::bind(&config) {
             Ok(s) => s,

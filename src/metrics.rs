@@ -36,7 +36,13 @@ pub const PHASES: [&str; 4] = ["setup", "precopy", "downtime", "postcopy"];
 pub const CHANNELS: [&str; 6] = ["main", "multifd", "preempt", "recovery", "tls", "unknown"];
 const UNKNOWN_CHANNEL: usize = 5;
 /// How a connection ended (`outcome` of `migshaper_connections_total`).
-pub const CONN_OUTCOMES: [&str; 4] = ["closed", "reset", "interrupted", "upstream_error"];
+pub const CONN_OUTCOMES: [&str; 5] = [
+    "closed",
+    "reset",
+    "interrupted",
+    "upstream_error",
+    "refused",
+];
 /// How a migration ended (`outcome` of the migration metrics and records).
 pub const MIGRATION_OUTCOMES: [&str; 4] = ["completed", "failed", "unknown", "interrupted"];
 
@@ -259,7 +265,7 @@ struct RouteInner {
     changes: Counter,
     wait: [Gauge; 2],
     conns_active: [Gauge; 6],
-    conns_total: [[Counter; 4]; 6],
+    conns_total: [[Counter; 5]; 6],
     upstream_errors: Counter,
     migrations_active: Gauge,
     migrations_total: [Counter; 4],
@@ -322,6 +328,11 @@ impl RouteMetrics {
         self.inner.conns_total[UNKNOWN_CHANNEL][3].increment(1);
     }
 
+    /// Counts a connection refused because the route is at `max_connections`.
+    pub fn refused(&self) {
+        self.inner.conns_total[UNKNOWN_CHANNEL][4].increment(1);
+    }
+
     /// A migration started: it is active and in setup.
     pub fn migration_started(&self) {
         self.inner.migrations_active.increment(1.0);
@@ -346,8 +357,15 @@ impl RouteMetrics {
     }
 
     /// A migration ended with `outcome` (one of [`MIGRATION_OUTCOMES`]) after `duration`,
-    /// having spent `phases[i]` in phase `i`.
-    pub fn migration_ended(&self, outcome: &str, duration: Duration, phases: &[Duration; 4]) {
+    /// having spent `phases[i]` in phase `i`. `current`: it was the route's active
+    /// migration, so the phase gauge goes back to 0.
+    pub fn migration_ended(
+        &self,
+        outcome: &str,
+        duration: Duration,
+        phases: &[Duration; 4],
+        current: bool,
+    ) {
         let i = MIGRATION_OUTCOMES
             .iter()
             .position(|o| *o == outcome)
@@ -360,7 +378,9 @@ impl RouteMetrics {
                 self.inner.phase_duration[p].record(d.as_secs_f64());
             }
         }
-        self.set_phase(None);
+        if current {
+            self.set_phase(None);
+        }
     }
 }
 
@@ -480,6 +500,7 @@ mod tests {
                 Duration::ZERO,
                 Duration::from_secs(1),
             ],
+            true,
         );
         let text = m.render();
         let v = |s: &str| value(&text, s).unwrap_or_else(|| panic!("{s} missing in\n{text}"));

@@ -167,8 +167,8 @@ impl RouteAccounting {
     /// Applies `update` to the route's link: every open connection uses it from its next
     /// chunk, both buckets start empty (no burst at the switch), the change is logged,
     /// counted, and appended to the active migration's record. Returns the link now in
-    /// force.
-    pub fn change_link(&self, update: &LinkUpdate, origin: &str) -> LinkEntry {
+    /// force (this change's, even if another one follows at once).
+    pub fn change_link(&self, update: &LinkUpdate, origin: &str) -> (crate::link::Shape, Duration) {
         let _serial = self.link_change.lock().unwrap_or_else(|p| p.into_inner());
         let (old_shape, old_delay) = (self.link.shape(), self.link.delay());
         let (shape, delay) = update.apply(old_shape, old_delay);
@@ -198,7 +198,7 @@ impl RouteAccounting {
             migration = migration.as_ref().map_or("", |m| m.id.as_str()),
             "link changed"
         );
-        entry
+        (shape, delay)
     }
 
     /// The active migration, as seen now.
@@ -301,6 +301,14 @@ impl Migration {
         phase_from_index(self.phase.load(Ordering::Relaxed))
     }
 
+    /// A connection of this migration ended without its taps (its task panicked): the
+    /// migration is failed with `cause` and the connection counted closed, so the
+    /// migration still ends and writes its record.
+    pub fn abandon_connection(&self, cause: String) {
+        self.fail(cause);
+        self.connection_closed(None, Instant::now());
+    }
+
     /// Marks the migration failed (the first cause wins).
     pub fn fail(&self, cause: String) {
         let mut st = self.lock();
@@ -400,16 +408,20 @@ impl Migration {
         }
         let (record, phase_times) = self.record(&st, now);
         drop(st);
-        self.route.metrics.migration_ended(
-            &record.outcome,
-            Duration::from_secs_f64(record.duration_s),
-            &phase_times,
-        );
         {
+            // Under the route's lock: a migration that attaches right now must not have
+            // its phase gauge cleared by this one ending.
             let mut active = self.route.active.lock().unwrap_or_else(|p| p.into_inner());
-            if active.as_ref().is_some_and(|m| m.id == self.id) {
+            let current = active.as_ref().is_some_and(|m| m.id == self.id);
+            if current {
                 *active = None;
             }
+            self.route.metrics.migration_ended(
+                &record.outcome,
+                Duration::from_secs_f64(record.duration_s),
+                &phase_times,
+                current,
+            );
         }
         info!(
             route = %self.route.route,

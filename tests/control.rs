@@ -148,15 +148,26 @@ async fn metrics_and_migrations_follow_a_migration_live_and_match_its_record() {
         received.load(Ordering::Relaxed) >= first as u64
     })
     .await;
-    let m = metrics(base).await;
-    let to_dst: u64 = ["setup", "precopy", "downtime", "postcopy"]
-        .iter()
-        .map(|p| phase_bytes(&m, r, "to_destination", p))
-        .sum();
-    assert_eq!(
-        to_dst, first as u64,
-        "bytes_total moves before the connection closes"
-    );
+    // The counters follow the bytes while the connection is open (up to the few hundred
+    // bytes of a record header the parser may hold undecided, and the moment between a
+    // write and its accounting).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let m = metrics(base).await;
+        let to_dst: u64 = ["setup", "precopy", "downtime", "postcopy"]
+            .iter()
+            .map(|p| phase_bytes(&m, r, "to_destination", p))
+            .sum();
+        assert!(to_dst <= first as u64, "{to_dst}");
+        if to_dst + 512 >= first as u64 {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bytes_total stuck at {to_dst} of {first}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     assert!(phase_bytes(&m, r, "to_destination", "precopy") > 20_000_000);
     assert_eq!(
         metric(&m, "migshaper_migrations_active", &[("route", r)]),
@@ -393,8 +404,16 @@ async fn control_api_validates_authorizes_and_leaves_the_link_alone_on_error() {
         ),
         (Some("2.5gbit"), Some("4ms"), Some("1ms"))
     );
-    let (s, _) = http("GET", format!("http://{base}/nowhere"), None, None).await;
-    assert_eq!(s, 404);
+    for (method, path, status) in [
+        ("GET", "/nowhere", 404),
+        ("GET", "/routes/nope", 404),
+        ("PUT", "/routes/test", 405),
+    ] {
+        let url = format!("http://{base}{path}");
+        let (s, b) = http(method, url, Some("{}".into()), Some("s3cret")).await;
+        assert_eq!(s, status, "{method} {path}: {b}");
+        assert!(b.starts_with(r#"{"error":"#), "{method} {path}: {b}");
+    }
     server.shutdown().await;
 }
 
@@ -405,34 +424,43 @@ async fn concurrent_link_changes_end_in_the_last_accepted_one() {
     cfg.control = control(None);
     let server = start(cfg);
     let base = server.control.unwrap();
+    // Eight clients at once (each request on its own task and blocking thread).
     let clients: Vec<_> = (1..=8)
         .map(|i| {
-            http(
+            tokio::spawn(http(
                 "PUT",
                 format!("http://{base}/routes/test/link"),
                 Some(format!(r#"{{"link":"{i}00mbit","delay":"{i}ms"}}"#)),
                 None,
-            )
+            ))
         })
         .collect();
-    let mut answers = Vec::new();
-    for c in clients {
-        let (s, b) = c.await;
-        assert_eq!(s, 200, "{b}");
-        answers.push(b);
-    }
-    // Each answer is a consistent pair (never one client's rate with another's delay),
-    // and the final state is one of the answers.
-    let link = get_json(base, "/routes/test/link").await;
     let pair = |v: &Value| {
         (
             v["link"].as_str().unwrap().to_string(),
             v["delay"].as_str().unwrap().to_string(),
         )
     };
+    for (i, c) in (1..=8).zip(clients) {
+        let (s, b) = c.await.unwrap();
+        assert_eq!(s, 200, "{b}");
+        // Each answer shows its own request's link, never a mix of two.
+        let v: Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(
+            pair(&v["link"]),
+            (format!("{i}00mbit"), format!("{i}ms")),
+            "{b}"
+        );
+    }
+    // The final state is one whole request's link, and the link in force agrees.
+    let link = get_json(base, "/routes/test/link").await;
     let fin = pair(&link);
     let digit = fin.0.chars().next().unwrap();
     assert_eq!(fin.1, format!("{digit}ms"), "{fin:?}");
+    assert_eq!(
+        server.routes[0].link.delay(),
+        Duration::from_millis(u64::from(digit.to_digit(10).unwrap()))
+    );
     let m = metrics(base).await;
     assert_eq!(
         metric(&m, "migshaper_link_changes_total", &[("route", "test")]),
@@ -485,16 +513,15 @@ async fn a_link_change_reaches_every_open_connection_and_drops_nothing() {
     )
     .await;
     assert_eq!(s, 200, "{b}");
-    let switched = Instant::now();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let before: Vec<u64> = counters.iter().map(|c| c.load(Ordering::Relaxed)).collect();
     let t0 = Instant::now();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
     let secs = t0.elapsed().as_secs_f64();
     let after: Vec<u64> = counters.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-    assert!(switched.elapsed() < Duration::from_secs(5));
-    // At 100 Mb/s each of 4 connections gets 3.1 MB/s; from 100 ms after the switch on,
-    // each must be clearly above that (1 Gb/s shares are 31 MB/s; the bound is loose).
+    // At 100 Mb/s each of 4 connections gets 3.1 MB/s. In the window from 100 ms to about
+    // 250 ms after the switch each must be clearly above that: the window is what tests
+    // "within 100 ms"; the bound (1 Gb/s shares are 31 MB/s) is loose for a busy machine.
     for i in 0..CONNS as usize {
         let rate = (after[i] - before[i]) as f64 / secs;
         assert!(
@@ -773,4 +800,61 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+#[test]
+fn sighup_without_a_config_file_is_ignored_not_fatal() {
+    use std::io::BufRead;
+    let mut child = migshaper()
+        .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+        .args([
+            "--upstream",
+            "127.0.0.1:9",
+            "--link",
+            "1g",
+            "--control",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let child = KillOnDrop(child);
+    // The first line logged comes after the handler is installed: signal at once.
+    let first = wait_log(&mut lines, "listening");
+    assert_eq!(first["route"], "default");
+    let pid = child.0.id().to_string();
+    for _ in 0..3 {
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    let mut addr = None;
+    let mut ignored = 0;
+    while addr.is_none() || ignored == 0 {
+        let line = lines.next().expect("the server exited").unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap_or_default();
+        match v["message"].as_str() {
+            Some("control API listening") => addr = v["addr"].as_str().map(str::to_string),
+            Some("SIGHUP: nothing to reload (started without --config); ignored") => ignored += 1,
+            _ => {}
+        }
+    }
+    let healthy: Value = ureq::get(format!("http://{}/healthz", addr.unwrap()))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    assert_eq!(healthy["status"], "ok");
+    let mut child = child;
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "the server survived SIGHUP"
+    );
 }

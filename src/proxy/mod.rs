@@ -52,6 +52,8 @@ pub struct RouteOptions {
     /// Write each connection's bytes to `DIR/c<N>.s2d.bin` and `DIR/c<N>.d2s.bin`
     /// (N in accept order from 0).
     pub capture: Option<std::path::PathBuf>,
+    /// Connections open at once; more are refused. 0 means the default.
+    pub max_connections: usize,
 }
 
 /// Binds a listening socket with address reuse and a deep backlog.
@@ -115,7 +117,15 @@ impl Route {
             options,
             listener,
         } = self;
-        let (tx, rx) = mpsc::channel::<(TcpStream, SocketAddr)>(CONNECT_QUEUE);
+        let metrics = accounting.metrics().clone();
+        let max_connections = if options.max_connections == 0 {
+            crate::config::DEFAULT_MAX_CONNECTIONS
+        } else {
+            options.max_connections
+        };
+        let (tx, rx) = mpsc::channel::<Accepted>(CONNECT_QUEUE);
+        let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+        let mut refused = Refusals::default();
         let connector = Connector {
             route: name.clone(),
             upstream,
@@ -137,7 +147,15 @@ impl Route {
             match accepted {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(10);
-                    if tx.send((stream, peer)).await.is_err() {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        // Over the limit: close at once, count it, log (at most once a
+                        // second, with how many were refused meanwhile).
+                        drop(stream);
+                        metrics.refused();
+                        refused.note(&name, peer, max_connections);
+                        continue;
+                    };
+                    if tx.send((stream, peer, slot)).await.is_err() {
                         break;
                     }
                 }
@@ -156,6 +174,37 @@ impl Route {
     }
 }
 
+/// An accepted connection on its way to the connector, holding its slot.
+type Accepted = (TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit);
+
+/// Rate-limited logging of refused connections.
+#[derive(Default)]
+struct Refusals {
+    last_log: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl Refusals {
+    fn note(&mut self, route: &str, peer: SocketAddr, max: usize) {
+        self.unlogged += 1;
+        let now = std::time::Instant::now();
+        if self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            warn!(
+                route,
+                %peer,
+                max_connections = max,
+                refused = self.unlogged,
+                "connection refused: the route has max_connections open (raise --max-connections or max_connections in the config)"
+            );
+            self.last_log = Some(now);
+            self.unlogged = 0;
+        }
+    }
+}
+
 /// Opens upstream connections one at a time, in accept order.
 struct Connector {
     route: String,
@@ -169,9 +218,9 @@ struct Connector {
 }
 
 impl Connector {
-    async fn run(self, mut rx: mpsc::Receiver<(TcpStream, SocketAddr)>, stop: CancellationToken) {
+    async fn run(self, mut rx: mpsc::Receiver<Accepted>, stop: CancellationToken) {
         let mut next_id = 0u64;
-        while let Some((client, peer)) = rx.recv().await {
+        while let Some((client, peer, slot)) = rx.recv().await {
             if stop.is_cancelled() {
                 reset(&client);
                 continue;
@@ -203,9 +252,10 @@ impl Connector {
                     continue;
                 }
             };
-            limit_receive_buffer(&client, &self.link);
+            limit_receive_buffer(&client, &self.link, false);
             let metrics = self.accounting.metrics().clone();
             let meter = ConnMeter::open(&metrics);
+            let mut attached = None;
             let (fwd_tap, rev_tap) = if self.options.no_parse {
                 (
                     Tapped::Unparsed(metrics.unparsed_bytes(Direction::ToDestination)),
@@ -213,6 +263,7 @@ impl Connector {
                 )
             } else {
                 let (migration, main) = self.accounting.attach();
+                attached = Some(migration.clone());
                 (
                     Tapped::Parsed(
                         ForwardTap::new(migration.clone(), main).with_meter(meter.clone()),
@@ -232,6 +283,8 @@ impl Connector {
                 kill: self.kill.clone(),
                 meter,
                 metrics,
+                _slot: slot,
+                migration: attached,
                 fwd_tap: (fwd_tap, fwd_capture),
                 rev_tap: (rev_tap, rev_capture),
             };
@@ -299,14 +352,20 @@ const RCVBUF_TIME: Duration = Duration::from_micros(500);
 /// On a shaped link, keeps the backlog in the sender: a small receive window on the
 /// source side means the bytes waiting for the link sit in the source's socket, not in
 /// ours, as they would before a real NIC. Unlimited routes keep kernel autotuning.
-pub(crate) fn limit_receive_buffer(client: &TcpStream, link: &Link) {
+pub(crate) fn limit_receive_buffer(client: &TcpStream, link: &Link, changed: bool) {
     let shape = link.shape();
-    if let Some(bits) = shape.framing.payload_rate(shape.rate) {
-        let bytes = (bits / 8.0 * RCVBUF_TIME.as_secs_f64()) as usize;
-        let _ =
-            socket2::SockRef::from(client).set_recv_buffer_size(bytes.clamp(32 * 1024, 4 << 20));
-    }
+    let size = match shape.framing.payload_rate(shape.rate) {
+        Some(bits) => (bits / 8.0 * RCVBUF_TIME.as_secs_f64()) as usize,
+        // Unlimited after a change: the size set for the old rate locked autotuning off;
+        // give the largest window instead.
+        None if changed => MAX_RCVBUF,
+        None => return,
+    };
+    let _ = socket2::SockRef::from(client).set_recv_buffer_size(size.clamp(32 * 1024, MAX_RCVBUF));
 }
+
+/// Largest receive buffer set (the kernel caps it at net.core.rmem_max, 4 MiB by default).
+const MAX_RCVBUF: usize = 4 << 20;
 
 /// Closes a socket with a reset, so the peer sees a failure rather than a clean end.
 fn reset(s: &TcpStream) {
@@ -322,6 +381,10 @@ struct Connection {
     kill: CancellationToken,
     meter: Arc<ConnMeter>,
     metrics: crate::metrics::RouteMetrics,
+    /// The route's connection slot, freed when the connection ends.
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    /// The migration this connection belongs to (parsed routes).
+    migration: Option<Arc<crate::migration::Migration>>,
     fwd_tap: (Tapped<ForwardTap>, Option<CaptureTap>),
     rev_tap: (Tapped<ReverseTap>, Option<CaptureTap>),
 }
@@ -355,6 +418,8 @@ impl Connection {
             fwd_tap,
             rev_tap,
             metrics,
+            _slot,
+            migration,
         } = self;
         let _ = client.set_nodelay(true);
         debug!(local = ?upstream.local_addr().ok(), "connected upstream");
@@ -415,10 +480,17 @@ impl Connection {
                 })
             }
         };
-        if let (Some((Tapped::Parsed(fwd_tap), _)), Some((Tapped::Parsed(rev_tap), _))) =
-            (fwd_tap, rev_tap)
-        {
-            connection_ended(fwd_tap, rev_tap, failure);
+        match (fwd_tap, rev_tap) {
+            (Some((Tapped::Parsed(fwd_tap), _)), Some((Tapped::Parsed(rev_tap), _))) => {
+                connection_ended(fwd_tap, rev_tap, failure);
+            }
+            // A pump panicked and took its tap with it: still end this connection's part
+            // in the migration, or it would stay active forever.
+            _ => {
+                if let Some(m) = migration {
+                    m.abandon_connection("internal error: a forwarding task panicked".into());
+                }
+            }
         }
     }
 }

@@ -153,6 +153,11 @@ async fn forward<T: Tap>(
 ) -> Result<u64, PumpError> {
     let (from, to) = sides(dir);
     let mut generation = link.generation();
+    if dir == Direction::ToDestination {
+        // Sized again after reading the generation: a change between the connector's
+        // sizing and here is not missed.
+        super::limit_receive_buffer(&src, &link, false);
+    }
     let mut buf: Vec<u8> = Vec::new();
     let mut total = 0u64;
     let mut delay_line: Option<DelayLine> = None;
@@ -189,7 +194,7 @@ async fn forward<T: Tap>(
             // The link changed: the source's receive window follows the new rate.
             generation = link.generation();
             if dir == Direction::ToDestination {
-                super::limit_receive_buffer(&src, &link);
+                super::limit_receive_buffer(&src, &link, true);
             }
         }
         let delay = link.delay();

@@ -14,6 +14,8 @@ pub struct Running {
     pub routes: Vec<RouteHandle>,
     /// The control API's address, when the config enables it.
     pub control: Option<SocketAddr>,
+    /// The server's metrics registry.
+    pub metrics: std::sync::Arc<migshaper::metrics::Metrics>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -44,6 +46,7 @@ pub fn route(upstream: SocketAddr, link: &str) -> RouteConfig {
         },
         delay: Duration::ZERO,
         parse: true,
+        max_connections: migshaper::config::DEFAULT_MAX_CONNECTIONS,
     }
 }
 
@@ -63,6 +66,7 @@ pub fn start(config: Config) -> Running {
     let server = Server::bind(&config).expect("bind");
     let routes = server.routes();
     let control = server.control_addr();
+    let metrics = server.metrics().clone();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(server.run(async move {
         let _ = rx.await;
@@ -70,6 +74,7 @@ pub fn start(config: Config) -> Running {
     Running {
         routes,
         control,
+        metrics,
         stop: Some(tx),
         task,
     }
