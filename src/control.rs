@@ -41,6 +41,24 @@ pub const DEFAULT_CONTROL: &str = "127.0.0.1:9464";
 pub const TOKEN_ENV: &str = "MIGSHAPER_CONTROL_TOKEN";
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 16 * 1024;
+/// Time a client has to send a request head.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Time a request (body included) may take.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Clients served at once.
+pub const MAX_CLIENTS: usize = 64;
+
+/// Bounds each request's time (a body sent byte by byte is cut off).
+async fn request_timeout(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("request not completed within {REQUEST_TIMEOUT:?}"),
+        )
+        .into_response(),
+    }
+}
 
 /// Where the control API listens and the token writes need.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -145,7 +163,9 @@ impl Control {
             .expect("a bound listener has an address")
     }
 
-    /// Serves until `stop` fires.
+    /// Serves until `stop` fires. Each client gets [`HEADER_TIMEOUT`] to send its request
+    /// head and [`REQUEST_TIMEOUT`] per request; at most [`MAX_CLIENTS`] are served at once
+    /// (more wait in the kernel's backlog), so slow or idle clients cannot pile up.
     pub async fn serve(self, stop: CancellationToken) {
         let addr = self.local_addr();
         info!(
@@ -153,12 +173,38 @@ impl Control {
             token = self.state.token.is_some(),
             "control API listening"
         );
-        let app = router(self.state);
-        if let Err(e) = axum::serve(self.listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-        {
-            warn!(%addr, error = %e, "control API stopped");
+        let app = router(self.state).layer(axum::middleware::from_fn(request_timeout));
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+        loop {
+            let permit = tokio::select! {
+                _ = stop.cancelled() => break,
+                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let (stream, _peer) = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = self.listener.accept() => match r {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(%addr, error = %e, "control API accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+                }
+            });
         }
     }
 }

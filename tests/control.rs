@@ -858,3 +858,49 @@ fn sighup_without_a_config_file_is_ignored_not_fatal() {
         "the server survived SIGHUP"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_control_clients_are_cut_off_and_cannot_lock_others_out() {
+    let sink = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut cfg = config(vec![route(sink.local_addr().unwrap(), "1g")]);
+    cfg.control = control(None);
+    let server = start(cfg);
+    let base = server.control.unwrap();
+    // More silent clients than the API serves at once, and one that sends half a head.
+    let mut silent = Vec::new();
+    for _ in 0..migshaper::control::MAX_CLIENTS + 8 {
+        silent.push(TcpStream::connect(base).await.unwrap());
+    }
+    let mut partial = TcpStream::connect(base).await.unwrap();
+    partial
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    // A well-behaved client still gets its answer once the silent ones time out.
+    let health = get_json(base, "/healthz").await;
+    assert_eq!(health["status"], "ok");
+    let waited = t0.elapsed();
+    assert!(
+        waited < migshaper::control::HEADER_TIMEOUT * 4,
+        "healthz took {waited:?}"
+    );
+    // The silent and the partial clients are closed by the server.
+    let mut buf = [0u8; 256];
+    for c in silent.iter_mut().chain(std::iter::once(&mut partial)) {
+        let r = tokio::time::timeout(migshaper::control::HEADER_TIMEOUT * 4, async {
+            loop {
+                match c.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue, // a 408 answer, then the close
+                }
+            }
+        })
+        .await;
+        assert!(
+            r.is_ok(),
+            "a client that sent no complete head stayed connected"
+        );
+    }
+    server.shutdown().await;
+}

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{config, route, start};
@@ -129,4 +130,520 @@ async fn a_thousand_idle_connections_leave_the_link_to_the_busy_one() {
     u.read_exact(&mut b).await.unwrap();
     assert_eq!(&b, b"ping");
     server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_four_migrations_writes_four_interrupted_records() {
+    let replay = migshaper::demo::Replay::bundled().unwrap();
+    let dir = std::env::temp_dir().join(format!("migshaper-faults-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let records = dir.join("records.jsonl");
+    let _ = std::fs::remove_file(&records);
+    let mut dests = Vec::new();
+    let mut routes = Vec::new();
+    for i in 0..4 {
+        let dest = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut r = route(dest.local_addr().unwrap(), "1g");
+        r.name = format!("m{i}");
+        routes.push(r);
+        dests.push(dest);
+    }
+    let mut cfg = config(routes);
+    cfg.records = Some(records.clone());
+    cfg.drain_timeout = Duration::from_millis(500);
+    let server = start(cfg);
+    let metrics = server.metrics.clone();
+    let mut held = Vec::new();
+    for (i, dest) in dests.iter().enumerate() {
+        // A migration in its first pre-copy pass that does not finish: the source sends
+        // 8 MB and then waits.
+        let mut src = TcpStream::connect(server.routes[i].local_addr)
+            .await
+            .unwrap();
+        let (mut d, _) = dest.accept().await.unwrap();
+        let mut got = vec![0u8; 8_000_000];
+        let (w, r) = tokio::join!(
+            src.write_all(&replay.main[..8_000_000]),
+            d.read_exact(&mut got)
+        );
+        w.unwrap();
+        r.unwrap();
+        assert_eq!(&got[..], &replay.main[..8_000_000]);
+        held.push((src, d));
+    }
+    for r in &server.routes {
+        assert!(
+            r.accounting.active().is_some(),
+            "route {} has a migration",
+            r.name
+        );
+    }
+    server.shutdown().await;
+    let text = std::fs::read_to_string(&records).unwrap();
+    let recs: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 4, "{text}");
+    let mut names: Vec<&str> = recs.iter().map(|r| r["route"].as_str().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["m0", "m1", "m2", "m3"]);
+    for r in &recs {
+        assert_eq!(r["outcome"], "interrupted", "{r}");
+        assert_eq!(r["cause"], "interrupted: drain timeout expired", "{r}");
+        let sent: u64 = r["bytes"]["to_destination"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert!(sent + 512 >= 8_000_000 && sent <= 8_000_000, "{sent}");
+    }
+    let m = metrics.render();
+    for i in 0..4 {
+        for line in [
+            format!(r#"migshaper_migrations_total{{route="m{i}",outcome="interrupted"}} 1"#),
+            format!(
+                r#"migshaper_connections_total{{route="m{i}",channel="main",outcome="interrupted"}} 1"#
+            ),
+            format!(r#"migshaper_migrations_active{{route="m{i}"}} 0"#),
+        ] {
+            assert!(m.contains(&line), "{line} missing");
+        }
+    }
+    // The sources see their connection closed.
+    for (mut src, _d) in held {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), src.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// === fault injection against the binary: behaviour, log line, metric, record ===
+
+/// A `migshaper serve` child with JSON logs collected, its control API and records file.
+struct Served {
+    child: std::process::Child,
+    logs: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    listen: std::net::SocketAddr,
+    control: std::net::SocketAddr,
+    records: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+static SERVED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn serve(upstream: std::net::SocketAddr, extra: &[&str]) -> Served {
+    use std::io::BufRead;
+    let n = SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("migshaper-fault-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let records = dir.join("records.jsonl");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_migshaper"))
+        .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+        .args(["--upstream", &upstream.to_string()])
+        .args(if extra.contains(&"--link") {
+            &[][..]
+        } else {
+            &["--link", "1g"][..]
+        })
+        .args(["--control", "127.0.0.1:0", "--records"])
+        .arg(&records)
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            let _ = tx.send(v.clone());
+            sink.lock().unwrap().push(v);
+        }
+    });
+    let (mut listen, mut control) = (None, None);
+    while listen.is_none() || control.is_none() {
+        let v = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("migshaper started");
+        match v["message"].as_str() {
+            Some("listening") => listen = v["listen"].as_str().map(|s| s.parse().unwrap()),
+            Some("control API listening") => {
+                control = v["addr"].as_str().map(|s| s.parse().unwrap())
+            }
+            _ => {}
+        }
+    }
+    Served {
+        child,
+        logs,
+        listen: listen.unwrap(),
+        control: control.unwrap(),
+        records,
+        dir,
+    }
+}
+
+impl Served {
+    /// Waits until a log line with `message` (and, if given, a field containing `text`).
+    async fn log(&self, message: &str, field: Option<(&str, &str)>) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(v) = self.logs.lock().unwrap().iter().find(|v| {
+                v["message"] == message
+                    && field.is_none_or(|(k, t)| v[k].as_str().is_some_and(|s| s.contains(t)))
+            }) {
+                return v.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line {message:?} {field:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until `/metrics` has `series value`.
+    async fn metric(&self, series: &str) {
+        let url = format!("http://{}/metrics", self.control);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let u = url.clone();
+            let text = tokio::task::spawn_blocking(move || {
+                ureq::get(u)
+                    .call()
+                    .unwrap()
+                    .body_mut()
+                    .read_to_string()
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            if text.lines().any(|l| l == series) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no {series} in\n{text}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits for the `n`th record (1-based) in the records file.
+    async fn record(&self, n: usize) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let text = std::fs::read_to_string(&self.records).unwrap_or_default();
+            if let Some(l) = text.lines().nth(n - 1) {
+                return serde_json::from_str(l).unwrap();
+            }
+            assert!(Instant::now() < deadline, "no record {n}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+fn reset(s: TcpStream) {
+    let s = s.into_std().unwrap();
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_upstream_refuses() {
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let s = serve(addr, &[]);
+    // migshaper resets the client at once; the reset may even beat the connect's return.
+    match TcpStream::connect(s.listen).await {
+        Ok(mut c) => {
+            let mut b = [0u8; 1];
+            assert!(
+                matches!(c.read(&mut b).await, Ok(0) | Err(_)),
+                "client closed"
+            );
+        }
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    s.log(
+        "upstream connect failed; closing the client connection (check that the destination is listening)",
+        Some(("upstream", &addr.to_string())),
+    )
+    .await;
+    s.metric(r#"migshaper_upstream_connect_errors_total{route="default"} 1"#)
+        .await;
+    s.metric(r#"migshaper_connections_total{route="default",channel="unknown",outcome="upstream_error"} 1"#).await;
+    let r = s.record(1).await;
+    assert_eq!(r["outcome"], "failed");
+    assert!(
+        r["cause"]
+            .as_str()
+            .unwrap()
+            .starts_with("upstream error: connect to"),
+        "{r}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_upstream_unreachable_times_out() {
+    // A listener whose accept queue is full drops further SYNs: connects hang, as to an
+    // unreachable host, without leaving loopback.
+    let std_l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sock = socket2::Socket::from(std_l);
+    sock.listen(0).unwrap();
+    let full: std::net::TcpListener = sock.into();
+    let addr = full.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+        {
+            fillers.push(s);
+        }
+    }
+    let s = serve(addr, &["--connect-timeout", "300ms"]);
+    let t0 = Instant::now();
+    let mut c = TcpStream::connect(s.listen).await.unwrap();
+    let mut b = [0u8; 1];
+    assert!(
+        matches!(c.read(&mut b).await, Ok(0) | Err(_)),
+        "client closed"
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t0.elapsed()
+    );
+    s.log(
+        "upstream connect timed out; closing the client connection (check the route to the destination)",
+        None,
+    )
+    .await;
+    s.metric(r#"migshaper_upstream_connect_errors_total{route="default"} 1"#)
+        .await;
+    let r = s.record(1).await;
+    assert_eq!(r["outcome"], "failed");
+    assert!(
+        r["cause"]
+            .as_str()
+            .unwrap()
+            .contains("timed out after 300ms"),
+        "{r}"
+    );
+    drop(full);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_destination_resets_mid_stream() {
+    let replay = migshaper::demo::Replay::bundled().unwrap();
+    let dest = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let s = serve(dest.local_addr().unwrap(), &[]);
+    let mut c = TcpStream::connect(s.listen).await.unwrap();
+    let (mut d, _) = dest.accept().await.unwrap();
+    let mut got = vec![0u8; 4_000_000];
+    let (w, r) = tokio::join!(
+        c.write_all(&replay.main[..4_000_000]),
+        d.read_exact(&mut got)
+    );
+    w.unwrap();
+    r.unwrap();
+    assert_eq!(&got[..], &replay.main[..4_000_000]);
+    reset(d);
+    // The source sees its connection fail (its next writes or reads).
+    let failed = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut b = [0u8; 1024];
+        loop {
+            if c.write_all(&replay.main[4_000_000..4_100_000])
+                .await
+                .is_err()
+            {
+                return;
+            }
+            match tokio::time::timeout(Duration::from_millis(50), c.read(&mut b)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(failed.is_ok(), "the source side was not closed");
+    s.log("closing both sides", None).await;
+    s.metric(r#"migshaper_connections_total{route="default",channel="main",outcome="reset"} 1"#)
+        .await;
+    s.metric(r#"migshaper_migrations_total{route="default",outcome="failed"} 1"#)
+        .await;
+    let r = s.record(1).await;
+    assert_eq!(r["outcome"], "failed");
+    assert!(r["cause"].as_str().unwrap().contains("destination"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_source_resets_mid_stream() {
+    let replay = migshaper::demo::Replay::bundled().unwrap();
+    let dest = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let s = serve(dest.local_addr().unwrap(), &[]);
+    let mut c = TcpStream::connect(s.listen).await.unwrap();
+    let (mut d, _) = dest.accept().await.unwrap();
+    let mut got = vec![0u8; 4_000_000];
+    let (w, r) = tokio::join!(
+        c.write_all(&replay.main[..4_000_000]),
+        d.read_exact(&mut got)
+    );
+    w.unwrap();
+    r.unwrap();
+    reset(c);
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(10), d.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "the destination side was not closed");
+    assert!(rest.is_empty(), "nothing after the reset");
+    s.log("closing both sides", None).await;
+    s.metric(r#"migshaper_connections_total{route="default",channel="main",outcome="reset"} 1"#)
+        .await;
+    let r = s.record(1).await;
+    assert_eq!(r["outcome"], "failed");
+    assert!(
+        r["cause"]
+            .as_str()
+            .unwrap()
+            .contains("read from source failed"),
+        "{r}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_destination_stalls_reading_backpressure_not_memory() {
+    const LEN: usize = 64 << 20;
+    let dest = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut s = serve(dest.local_addr().unwrap(), &["--no-parse"]);
+    let c = TcpStream::connect(s.listen).await.unwrap();
+    let (d, _) = dest.accept().await.unwrap();
+    let (_cr, mut cw) = c.into_split();
+    let data: Arc<Vec<u8>> = Arc::new((0..LEN).map(|i| (i * 7 + i / 4093) as u8).collect());
+    let d2 = data.clone();
+    let writer = tokio::spawn(async move {
+        cw.write_all(&d2).await.unwrap();
+        cw.shutdown().await.unwrap();
+    });
+    // The destination reads nothing for a while: the source is held back by TCP, and
+    // migshaper does not buffer the stream in memory.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!writer.is_finished(), "64 MB cannot all be in flight");
+    let pid = s.child.id();
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(
+        rss_kib < 48 * 1024,
+        "migshaper RSS {rss_kib} KiB while stalled"
+    );
+    // Then it reads: everything arrives, unchanged.
+    let (mut dr, _dw) = d.into_split();
+    let mut got = Vec::with_capacity(LEN);
+    dr.read_to_end(&mut got).await.unwrap();
+    writer.await.unwrap();
+    assert!(got == *data, "the stream arrived changed");
+    let _ = s.child.try_wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_streams_are_forwarded_unchanged_and_recorded_without_panic() {
+    let replay = migshaper::demo::Replay::bundled().unwrap();
+    let mut flipped = replay.main[..6_000_000].to_vec();
+    for i in (1000..flipped.len()).step_by(99_991) {
+        flipped[i] ^= 0x5a;
+    }
+    // A QEMU header and a PACKAGED command claiming 4 GiB, then a short body.
+    let mut packaged = Vec::new();
+    packaged.extend_from_slice(&[0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3]); // magic, version 3
+    packaged.push(0x08); // QEMU_VM_COMMAND
+    packaged.extend_from_slice(&[0x00, 0x07, 0x00, 0x04]); // MIG_CMD_PACKAGED, len 4
+    packaged.extend_from_slice(&0xFFFF_FFFFu32.to_be_bytes());
+    packaged.extend_from_slice(&[0xAB; 1000]);
+    let tls = {
+        let mut t = vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01];
+        t.extend((0..50_000u32).map(|i| (i * 31) as u8));
+        t
+    };
+    let garbage: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let truncated = replay.main[..1_234_567].to_vec();
+    let cases: [(&str, Vec<u8>); 5] = [
+        ("byte-flipped", flipped),
+        ("packaged 4 GiB", packaged),
+        ("tls", tls),
+        ("garbage", garbage),
+        ("truncated", truncated),
+    ];
+    let dest = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let s = serve(dest.local_addr().unwrap(), &["--link", "unlimited"]);
+    for (i, (name, bytes)) in cases.iter().enumerate() {
+        let mut c = TcpStream::connect(s.listen).await.unwrap();
+        let (mut d, _) = dest.accept().await.unwrap();
+        let b2 = bytes.clone();
+        let w = tokio::spawn(async move {
+            c.write_all(&b2).await.unwrap();
+            c.shutdown().await.unwrap();
+            c
+        });
+        let mut got = Vec::new();
+        d.read_to_end(&mut got).await.unwrap();
+        drop(d);
+        drop(w.await.unwrap());
+        assert!(got == *bytes, "{name}: forwarded bytes differ");
+        let r = s.record(i + 1).await;
+        let sent: u64 = r["bytes"]["to_destination"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert_eq!(
+            sent,
+            bytes.len() as u64,
+            "{name}: every byte is counted: {r}"
+        );
+        assert_ne!(r["outcome"], "completed", "{name}: {r}");
+    }
+    let tls_rec = s.record(3).await;
+    assert_eq!(tls_rec["outcome"], "unknown", "{tls_rec}");
+    assert_eq!(
+        tls_rec["opaque_bytes"].as_u64().unwrap(),
+        cases[2].1.len() as u64
+    );
+    // Still serving, nothing panicked.
+    assert!(
+        !s.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|v| v["level"] == "ERROR" || v.to_string().contains("panicked")),
+        "an error or panic was logged"
+    );
+    s.metric(r#"migshaper_migrations_active{route="default"} 0"#)
+        .await;
 }
