@@ -294,6 +294,7 @@ async fn main() {
     let stop = Arc::new(AtomicBool::new(false));
     let tasks = run_conns(server.via, &sink, a.conns, 1, stop.clone(), totals.clone()).await;
     let t0 = Instant::now();
+    let bytes0 = totals.bytes.load(Ordering::Relaxed);
     let cpu0 = cpu_secs(pid);
     let mut samples: Vec<(f64, u64)> = Vec::new();
     let mut next_switch = t0 + a.switch;
@@ -331,6 +332,7 @@ async fn main() {
     }
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu_secs(pid) - cpu0;
+    let window = totals.bytes.load(Ordering::Relaxed) - bytes0;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = t.await;
@@ -368,17 +370,20 @@ async fn main() {
     )
     .await;
     let w0 = Instant::now();
+    let wbytes0 = wtotals.bytes.load(Ordering::Relaxed);
     let mut wide_max = 0;
     while w0.elapsed() < Duration::from_secs(a.wide_secs) {
         tokio::time::sleep(Duration::from_millis(500)).await;
         wide_max = wide_max.max(rss_kib(wpid));
     }
     let wsecs = w0.elapsed().as_secs_f64();
+    // The rate over the window only: not the ramp-up, not the drain after the stop.
+    let wide_window = wtotals.bytes.load(Ordering::Relaxed) - wbytes0;
     wstop.store(true, Ordering::Relaxed);
     for t in wtasks {
         let _ = t.await;
     }
-    let wide_moved = wtotals.bytes.load(Ordering::Relaxed);
+    let wide_moved = wide_window;
     let wide_problems = log_problems(&server.log);
     drop(server);
 
@@ -398,9 +403,9 @@ async fn main() {
         a.switch
     );
     println!(
-        "| bytes checked | {:.1} GB ({:.2} Gb/s mean, both directions) |",
+        "| bytes checked | {:.1} GB ({:.2} Gb/s mean over the run, both directions together) |",
         moved as f64 / 1e9,
-        moved as f64 * 8.0 / secs / 1e9
+        window as f64 * 8.0 / secs / 1e9
     );
     println!("| checksum mismatches, transfer errors | {mismatches}, {errors} |");
     println!(
@@ -417,7 +422,7 @@ async fn main() {
         problems.len() + wide_problems.len()
     );
     println!(
-        "| {} connections at 10g | max RSS {:.1} MB, {:.2} Gb/s over {wsecs:.0} s |",
+        "| {} connections at 10g | max RSS {:.1} MB, {:.2} Gb/s both directions together over {wsecs:.0} s |",
         a.wide,
         wide_max as f64 / 1024.0,
         wide_moved as f64 * 8.0 / wsecs / 1e9

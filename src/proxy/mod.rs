@@ -135,6 +135,7 @@ impl Route {
             options,
             kill,
             tracker: tracker.clone(),
+            budget: pump::BufferBudget::new(slots.clone(), max_connections),
         };
         let connector_task = tracker.spawn(connector.run(rx, stop_accepting.clone()));
         let mut backoff = Duration::from_millis(10);
@@ -215,6 +216,7 @@ struct Connector {
     options: RouteOptions,
     kill: CancellationToken,
     tracker: TaskTracker,
+    budget: pump::BufferBudget,
 }
 
 impl Connector {
@@ -276,6 +278,7 @@ impl Connector {
                 None => (None, None),
             };
             let conn = Connection {
+                budget: self.budget.clone(),
                 client: Arc::new(client),
                 upstream: Arc::new(upstream),
                 link: self.link.clone(),
@@ -383,6 +386,8 @@ struct Connection {
     metrics: crate::metrics::RouteMetrics,
     /// The route's connection slot, freed when the connection ends.
     _slot: tokio::sync::OwnedSemaphorePermit,
+    /// Shares the route's buffer memory between its connections.
+    budget: pump::BufferBudget,
     /// The migration this connection belongs to (parsed routes).
     migration: Option<Arc<crate::migration::Migration>>,
     fwd_tap: (Tapped<ForwardTap>, Option<CaptureTap>),
@@ -420,6 +425,7 @@ impl Connection {
             metrics,
             _slot,
             migration,
+            budget,
         } = self;
         let _ = client.set_nodelay(true);
         debug!(local = ?upstream.local_addr().ok(), "connected upstream");
@@ -431,7 +437,10 @@ impl Connection {
                 link.clone(),
                 Direction::ToDestination,
                 cancel.clone(),
-                metrics.wait(Direction::ToDestination),
+                pump::RouteShare {
+                    wait: metrics.wait(Direction::ToDestination),
+                    budget: budget.clone(),
+                },
                 fwd_tap,
             )
             .instrument(span.clone()),
@@ -443,7 +452,10 @@ impl Connection {
                 link,
                 Direction::ToSource,
                 cancel.clone(),
-                metrics.wait(Direction::ToSource),
+                pump::RouteShare {
+                    wait: metrics.wait(Direction::ToSource),
+                    budget,
+                },
                 rev_tap,
             )
             .instrument(span),
