@@ -224,8 +224,7 @@ impl RouteAccounting {
     /// Records an upstream connect failure: it fails the active migration, or a new one.
     pub fn connect_failed(self: &Arc<Self>, cause: String) {
         let (m, _) = self.attach();
-        m.fail(format!("upstream error: {cause}"));
-        m.connection_closed(None, Instant::now());
+        m.abandon_connection(format!("upstream error: {cause}"));
     }
 }
 
@@ -274,6 +273,17 @@ struct State {
     ram_total: u64,
 }
 
+impl State {
+    /// Bytes per phase of direction `d` (0: to the destination, 1: to the source).
+    fn phase_bytes(&self, d: usize) -> BTreeMap<&'static str, u64> {
+        PHASES
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.as_str(), self.bytes[d][i]))
+            .collect()
+    }
+}
+
 impl Migration {
     fn new(id: String, route: Arc<RouteAccounting>) -> Self {
         let start = Instant::now();
@@ -301,9 +311,9 @@ impl Migration {
         phase_from_index(self.phase.load(Ordering::Relaxed))
     }
 
-    /// A connection of this migration ended without its taps (its task panicked): the
-    /// migration is failed with `cause` and the connection counted closed, so the
-    /// migration still ends and writes its record.
+    /// A connection of this migration ended without its taps (upstream connect failed, or
+    /// its task panicked): the migration is failed with `cause` and the connection counted
+    /// closed, so the migration still ends and writes its record.
     pub fn abandon_connection(&self, cause: String) {
         self.fail(cause);
         self.connection_closed(None, Instant::now());
@@ -340,13 +350,7 @@ impl Migration {
                 }
             }
         };
-        let bytes = |d: usize| -> BTreeMap<&'static str, u64> {
-            PHASES
-                .iter()
-                .enumerate()
-                .map(|(i, p)| (p.as_str(), st.bytes[d][i]))
-                .collect()
-        };
+        let bytes = |d: usize| st.phase_bytes(d);
         let pages = st.live_ram.normal_pages + st.live_ram.zero_pages;
         Some(ActiveView {
             id: self.id.clone(),
@@ -474,13 +478,7 @@ impl Migration {
                 .map(|(i, p)| (p.as_str(), f(i)))
                 .collect()
         };
-        let bytes = |d: usize| -> BTreeMap<&'static str, u64> {
-            PHASES
-                .iter()
-                .enumerate()
-                .map(|(i, p)| (p.as_str(), st.bytes[d][i]))
-                .collect()
-        };
+        let bytes = |d: usize| st.phase_bytes(d);
         let mut ram = st.ram;
         ram.normal_pages = ram.normal_pages.saturating_sub(st.ledger.repeated_pages());
         let record = Record {
