@@ -58,36 +58,10 @@ fn args() -> Args {
     a
 }
 
-/// splitmix64 bytes: cheap to generate and to check at GB/s.
-struct Seeded {
-    state: u64,
-    word: [u8; 8],
-    pos: usize,
-}
-
-impl Seeded {
-    fn new(seed: u64) -> Self {
-        Seeded {
-            state: seed,
-            word: [0; 8],
-            pos: 8,
-        }
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for b in buf {
-            if self.pos == 8 {
-                self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = self.state;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                self.word = (z ^ (z >> 31)).to_le_bytes();
-                self.pos = 0;
-            }
-            *b = self.word[self.pos];
-            self.pos += 1;
-        }
-    }
-}
+// The tests' seeded splitmix64 stream (cheap to generate and to check at GB/s).
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::Seeded;
 
 #[derive(Default)]
 struct Totals {
