@@ -128,6 +128,7 @@ impl Server {
                 no_parse: !r.parse,
                 capture,
                 max_connections: r.max_connections,
+                keepalive: (!config.keepalive.is_zero()).then_some(config.keepalive),
             };
             routes.push(bind_route(
                 r,

@@ -213,6 +213,11 @@ pub struct ServeArgs {
     /// Upstream connect timeout.
     #[arg(long, default_value_t = HumanDuration(DEFAULT_CONNECT_TIMEOUT))]
     pub connect_timeout: HumanDuration,
+    /// TCP keepalive on both sides of each connection: a peer that vanished (host crash,
+    /// cable pulled) is noticed after about this long without traffic, and the other side
+    /// is closed. 0 turns it off.
+    #[arg(long, default_value_t = HumanDuration(crate::config::DEFAULT_KEEPALIVE))]
+    pub keepalive: HumanDuration,
     /// How long open connections may finish after SIGINT/SIGTERM before they are closed.
     #[arg(long, default_value_t = HumanDuration(DEFAULT_DRAIN_TIMEOUT))]
     pub drain_timeout: HumanDuration,
@@ -252,6 +257,7 @@ impl ServeArgs {
         let timeouts = |c: &mut Config| {
             c.connect_timeout = self.connect_timeout.0;
             c.drain_timeout = self.drain_timeout.0;
+            c.keepalive = self.keepalive.0;
         };
         if let Some(path) = &self.config {
             let mut c = Config::from_file(path)?;
@@ -261,6 +267,9 @@ impl ServeArgs {
             }
             if self.drain_timeout.0 != DEFAULT_DRAIN_TIMEOUT {
                 c.drain_timeout = self.drain_timeout.0;
+            }
+            if self.keepalive.0 != crate::config::DEFAULT_KEEPALIVE {
+                c.keepalive = self.keepalive.0;
             }
             if self.records.is_some() {
                 c.records = self.records.clone();
@@ -286,6 +295,7 @@ impl ServeArgs {
         let mut c = Config {
             routes: vec![route],
             connect_timeout: Duration::ZERO,
+            keepalive: Duration::ZERO,
             drain_timeout: Duration::ZERO,
             source: None,
             records: self.records.clone(),

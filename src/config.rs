@@ -18,6 +18,10 @@ use crate::spec::{Burst, Framing, HumanDuration, LinkRate};
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time open connections get to finish after SIGINT/SIGTERM.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default TCP keepalive: a peer that vanished is noticed within a minute. Live peers
+/// answer the probes, so an idle migration (post-copy paused, a stopped guest) is never cut;
+/// the kernel's own default (2 h 11 min) would leave the other side hanging.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// A configuration problem, found before anything listens.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +96,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Timeout for each upstream connect.
     pub connect_timeout: Duration,
+    /// TCP keepalive on both sides of every connection: a vanished peer is noticed after
+    /// about this long without traffic. Zero: off.
+    pub keepalive: Duration,
     /// How long open connections may drain after a shutdown signal.
     pub drain_timeout: Duration,
     /// The file the routes came from, if any (re-read on SIGHUP).
@@ -110,6 +117,7 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     connect_timeout: Option<HumanDuration>,
+    keepalive: Option<HumanDuration>,
     drain_timeout: Option<HumanDuration>,
     records: Option<PathBuf>,
     #[serde(default)]
@@ -172,6 +180,7 @@ impl Config {
             connect_timeout: file
                 .connect_timeout
                 .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+            keepalive: file.keepalive.map_or(DEFAULT_KEEPALIVE, |d| d.0),
             drain_timeout: file.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
             source: Some(path.to_path_buf()),
             records: file.records,

@@ -138,6 +138,7 @@ pub async fn replay_through(replay: &Replay, rate: &str) -> Result<Record, DemoE
             max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
         }],
         connect_timeout: Duration::from_secs(5),
+        keepalive: crate::config::DEFAULT_KEEPALIVE,
         drain_timeout: Duration::from_secs(5),
         source: None,
         records: None,

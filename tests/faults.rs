@@ -647,3 +647,190 @@ async fn bad_streams_are_forwarded_unchanged_and_recorded_without_panic() {
     s.metric(r#"migshaper_migrations_active{route="default"} 0"#)
         .await;
 }
+
+/// The kernel's timer state of the TCP socket with this local and remote address, from
+/// /proc/net/tcp: 0 none, 1 retransmit, 2 keepalive, 3 TIME_WAIT, 4 zero-window probe.
+fn tcp_timer(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> Option<u8> {
+    let hex = |a: std::net::SocketAddr| {
+        let std::net::IpAddr::V4(ip) = a.ip() else {
+            panic!("IPv4 only")
+        };
+        format!("{:08X}:{:04X}", u32::from_le_bytes(ip.octets()), a.port())
+    };
+    let (l, r) = (hex(local), hex(remote));
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f[1] == l && f[2] == r).then(|| f[5][..2].parse().unwrap())
+    })
+}
+
+/// Sends `len` bytes each way through an open proxied pair and checks they arrive unchanged.
+async fn exchange(c: &mut TcpStream, d: &mut TcpStream, len: usize, seed: u8) {
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect();
+    let (mut to_d, mut to_c) = (vec![0u8; len], vec![0u8; len]);
+    let (mut cr, mut cw) = c.split();
+    let (mut dr, mut dw) = d.split();
+    let (a, b, e, f) = tokio::join!(
+        cw.write_all(&data),
+        dr.read_exact(&mut to_d),
+        dw.write_all(&data),
+        cr.read_exact(&mut to_c)
+    );
+    a.unwrap();
+    b.unwrap();
+    e.unwrap();
+    f.unwrap();
+    assert!(to_d == data && to_c == data, "bytes changed after idling");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connection_is_kept_alive_by_probes_and_still_forwards() {
+    // With keepalive (2 s: probes after 1 s of silence, 1 s apart) and without it.
+    for (keepalive, timer) in [("2s", 2u8), ("0", 0u8)] {
+        let dest = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = serve(
+            dest.local_addr().unwrap(),
+            &["--no-parse", "--keepalive", keepalive],
+        );
+        let mut c = TcpStream::connect(s.listen).await.unwrap();
+        let (mut d, proxy_out) = dest.accept().await.unwrap();
+        exchange(&mut c, &mut d, 100_000, 1).await;
+        // Idle for longer than several probe rounds: live peers answer the probes, so
+        // nothing is cut, and both of migshaper's sockets keep a keepalive timer armed.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let accepted = tcp_timer(s.listen, c.local_addr().unwrap()).expect("accepted socket");
+        let upstream = tcp_timer(proxy_out, dest.local_addr().unwrap()).expect("upstream socket");
+        assert_eq!(
+            (accepted, upstream),
+            (timer, timer),
+            "timers of migshaper's sockets with --keepalive {keepalive}"
+        );
+        exchange(&mut c, &mut d, 3_000_000, 2).await;
+        // And a FIN still travels after the idle time.
+        c.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        d.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
+}
+
+/// A network namespace joined to this one by a veth pair: `here` on this side, `there`
+/// inside. Deleted (with the pair) on drop.
+struct Netns {
+    name: String,
+    peer: String,
+    here: std::net::Ipv4Addr,
+    there: std::net::Ipv4Addr,
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run `ip` (Debian package iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {} (this test needs root for network namespaces)",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Netns {
+    fn create() -> Netns {
+        let pid = std::process::id();
+        let net = (pid % 250) as u8;
+        let ns = Netns {
+            name: format!("msk{pid}"),
+            peer: format!("mskp{pid}"),
+            here: std::net::Ipv4Addr::new(10, 213, net, 1),
+            there: std::net::Ipv4Addr::new(10, 213, net, 2),
+        };
+        let host = format!("mskh{pid}");
+        ip(&["netns", "add", &ns.name]);
+        ip(&[
+            "link", "add", &host, "type", "veth", "peer", "name", &ns.peer,
+        ]);
+        ip(&["link", "set", &ns.peer, "netns", &ns.name]);
+        ip(&["addr", "add", &format!("{}/30", ns.here), "dev", &host]);
+        ip(&["link", "set", &host, "up"]);
+        let (name, peer) = (ns.name.as_str(), ns.peer.as_str());
+        ip(&[
+            "-n",
+            name,
+            "addr",
+            "add",
+            &format!("{}/30", ns.there),
+            "dev",
+            peer,
+        ]);
+        ip(&["-n", name, "link", "set", peer, "up"]);
+        ns
+    }
+
+    /// A listener on `there`, created from a thread that joined the namespace.
+    fn listen(&self) -> TcpListener {
+        let (path, addr) = (
+            format!("/var/run/netns/{}", self.name),
+            std::net::SocketAddr::new(self.there.into(), 0),
+        );
+        let l = std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let f = std::fs::File::open(path).unwrap();
+            // SAFETY: setns on a valid namespace fd; it only changes this thread.
+            let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            std::net::TcpListener::bind(addr).unwrap()
+        })
+        .join()
+        .unwrap();
+        l.set_nonblocking(true).unwrap();
+        TcpListener::from_std(l).unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: creates a network namespace (scripts/test runs it with --ignored)"]
+async fn vanished_destination_is_noticed_by_keepalive_and_the_source_closed() {
+    let ns = Netns::create();
+    let dest = ns.listen();
+    let s = serve(dest.local_addr().unwrap(), &["--keepalive", "2s"]);
+    assert!(s.listen.ip().is_loopback() && ns.here.is_private());
+    let mut c = TcpStream::connect(s.listen).await.unwrap();
+    let (mut d, _) = dest.accept().await.unwrap();
+    let replay = migshaper::demo::Replay::bundled().unwrap();
+    let mut got = vec![0u8; 1_000_000];
+    let (w, r) = tokio::join!(
+        c.write_all(&replay.main[..1_000_000]),
+        d.read_exact(&mut got)
+    );
+    w.unwrap();
+    r.unwrap();
+    assert_eq!(&got[..], &replay.main[..1_000_000]);
+    // The destination host vanishes without a FIN or reset: its link goes down and
+    // nothing answers any more. The idle source would wait forever without keepalive.
+    ip(&["-n", &ns.name, "link", "set", &ns.peer, "down"]);
+    let mut b = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(30), c.read(&mut b))
+        .await
+        .expect("the source side was not closed within 30 s");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    let line = s.log("closing both sides", None).await;
+    assert!(line.to_string().contains("timed out"), "{line}");
+    s.metric(r#"migshaper_migrations_total{route="default",outcome="failed"} 1"#)
+        .await;
+    let r = s.record(1).await;
+    assert_eq!(r["outcome"], "failed");
+    assert!(r["cause"].as_str().unwrap().contains("timed out"), "{r}");
+}

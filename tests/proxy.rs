@@ -343,6 +343,17 @@ fn cli_config_errors_exit_2_naming_file_key_and_value() {
             "[[route]]\nname='a'\nlisten='127.0.0.1:7'\nupstream='h:1'\nlink='1g'\n[[route]]\nname='b'\nlisten='127.0.0.1:7'\nupstream='h:1'\nlink='1g'\n",
             "duplicate listen",
         ),
+        (
+            "dup-name.toml",
+            "[[route]]\nname='a'\nlisten='127.0.0.1:0'\nupstream='h:1'\nlink='1g'\n[[route]]\nname='a'\nlisten='127.0.0.1:0'\nupstream='h:1'\nlink='10g'\n",
+            "duplicate route name",
+        ),
+        (
+            "bad-keepalive.toml",
+            "keepalive='soon'\n[[route]]\nname='a'\nlisten='127.0.0.1:0'\nupstream='h:1'\nlink='1g'\n",
+            "keepalive",
+        ),
+        ("no-routes.toml", "connect_timeout='5s'\n", "route"),
     ];
     for (file, text, needle) in cases {
         let path = dir.join(file);
@@ -363,6 +374,22 @@ fn cli_config_errors_exit_2_naming_file_key_and_value() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+    // Unreadable: a directory, and bytes that are not UTF-8 (root reads any mode bits).
+    let not_utf8 = dir.join("latin1.toml");
+    std::fs::write(&not_utf8, b"[[route]]\nname='\xe9'\n").unwrap();
+    for (path, needle) in [(dir.clone(), "directory"), (not_utf8, "UTF-8")] {
+        let out = migshaper()
+            .args(["serve", "--control", "127.0.0.1:0", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(&*path.to_string_lossy()) && err.contains(needle),
+            "{err}"
+        );
+    }
     let out = migshaper()
         .args([
             "serve",
@@ -395,11 +422,11 @@ fn cli_config_errors_exit_2_naming_file_key_and_value() {
         ])
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&busy.local_addr().unwrap().to_string()) && err.contains("in use"),
+        "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -54,6 +54,9 @@ pub struct RouteOptions {
     pub capture: Option<std::path::PathBuf>,
     /// Connections open at once; more are refused. 0 means the default.
     pub max_connections: usize,
+    /// TCP keepalive on both sockets of each connection: a peer that vanished is noticed
+    /// after about this long without traffic (see [`set_keepalive`]). `None`: off.
+    pub keepalive: Option<Duration>,
 }
 
 /// Binds a listening socket with address reuse and a deep backlog.
@@ -255,6 +258,10 @@ impl Connector {
                 }
             };
             limit_receive_buffer(&client, &self.link, false);
+            if let Some(after) = self.options.keepalive {
+                set_keepalive(&client, after);
+                set_keepalive(&upstream, after);
+            }
             let metrics = self.accounting.metrics().clone();
             let meter = ConnMeter::open(&metrics);
             let mut attached = None;
@@ -342,6 +349,24 @@ async fn connect(upstream: &str) -> io::Result<TcpStream> {
         }
     }
     Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address")))
+}
+
+/// Turns on TCP keepalive so that a peer that disappeared without a FIN or reset (host
+/// crashed, cable pulled) is noticed on an idle connection: a migration can sit idle for
+/// minutes (post-copy paused, a stopped guest), and without keepalive the other side of
+/// the proxy would wait forever instead of failing the way a direct connection would.
+/// First probe after `after / 2` of silence, then 3 probes `after / 6` apart (each at
+/// least 1 s, the kernel's granularity): the connection fails about `after` after the
+/// peer went quiet. A peer that is merely slow answers the probes and is never cut.
+pub(crate) fn set_keepalive(s: &TcpStream, after: Duration) {
+    let secs = |d: Duration| d.max(Duration::from_secs(1));
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(secs(after / 2))
+        .with_interval(secs(after / 6))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(s).set_tcp_keepalive(&ka) {
+        debug!(error = %e, "cannot set TCP keepalive");
+    }
 }
 
 /// MSS advertised to sources: IPv4/TCP with timestamps over a 1500-byte MTU.

@@ -54,6 +54,7 @@ pub fn config(routes: Vec<RouteConfig>) -> Config {
     Config {
         routes,
         connect_timeout: Duration::from_secs(5),
+        keepalive: migshaper::config::DEFAULT_KEEPALIVE,
         drain_timeout: Duration::from_secs(5),
         source: None,
         records: None,
