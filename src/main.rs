@@ -148,11 +148,13 @@ fn serve(args: migshaper::cli::ServeArgs) -> ExitCode {
     };
     match migshaper::raise_fd_limit() {
         Ok(limit) => {
-            // Two sockets per connection, plus listeners, the control API and some slack.
+            // Two sockets per connection and up to two pipes (4 descriptors) for zero-copy
+            // forwarding, plus listeners, the control API and some slack. Without
+            // descriptors for pipes a connection copies instead; without sockets it fails.
             let need: u64 = config
                 .routes
                 .iter()
-                .map(|r| 2 * r.max_connections as u64 + 1)
+                .map(|r| 6 * r.max_connections as u64 + 1)
                 .sum::<u64>()
                 + 64;
             if limit < need {
@@ -166,6 +168,7 @@ fn serve(args: migshaper::cli::ServeArgs) -> ExitCode {
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
     }
     rt.block_on(async {
+        let shutdown = migshaper::shutdown_signal();
         let server = match Server::bind(&config) {
             Ok(s) => s,
             Err(e) => {
@@ -173,7 +176,7 @@ fn serve(args: migshaper::cli::ServeArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        server.run(migshaper::shutdown_signal()).await;
+        server.run(shutdown).await;
         ExitCode::SUCCESS
     })
 }

@@ -656,6 +656,19 @@ impl Tap for ForwardTap {
         self.parser.feed(chunk, now);
         self.account(chunk.len() as u64, now);
     }
+
+    fn wants_bytes(&self) -> bool {
+        !self.parser.is_opaque()
+    }
+
+    fn on_unseen(&mut self, n: usize) {
+        let now = Instant::now();
+        if !self.main {
+            self.parser.follow_phase(self.mig.phase(), now);
+        }
+        self.parser.feed_opaque(n, now);
+        self.account(n as u64, now);
+    }
 }
 
 /// Accounts the destination → source bytes of one connection; parses the return path on
@@ -689,13 +702,27 @@ impl Tap for ReverseTap {
         if let Some(rp) = &mut self.rp {
             rp.feed(chunk, now);
         }
+        self.account(chunk.len(), now);
+    }
+
+    fn wants_bytes(&self) -> bool {
+        self.rp.is_some()
+    }
+
+    fn on_unseen(&mut self, n: usize) {
+        self.account(n, Instant::now());
+    }
+}
+
+impl ReverseTap {
+    fn account(&mut self, n: usize, now: Instant) {
         let mig = &self.mig;
         let metrics = &mig.route.metrics;
         let phase = phase_index(mig.phase());
-        metrics.bytes(Direction::ToSource, phase, chunk.len() as u64);
+        metrics.bytes(Direction::ToSource, phase, n as u64);
         let mut st = mig.lock();
-        st.bytes[1][phase] += chunk.len() as u64;
-        mig.add_series(&mut st, Direction::ToSource, chunk.len() as u64, now);
+        st.bytes[1][phase] += n as u64;
+        mig.add_series(&mut st, Direction::ToSource, n as u64, now);
         if let Some(rp) = &mut self.rp {
             drain_rp(rp, &mut st, metrics);
         }

@@ -778,11 +778,9 @@ impl Netns {
             std::net::SocketAddr::new(self.there.into(), 0),
         );
         let l = std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
             let f = std::fs::File::open(path).unwrap();
-            // SAFETY: setns on a valid namespace fd; it only changes this thread.
-            let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            // Only this thread joins the namespace; the socket stays in it.
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
             std::net::TcpListener::bind(addr).unwrap()
         })
         .join()

@@ -6,6 +6,7 @@
 //! so a proxy that connected in parallel could swap the main and multifd channels.
 
 pub mod pump;
+pub mod splice;
 
 use std::io;
 use std::net::SocketAddr;
@@ -432,6 +433,20 @@ impl<T: pump::Tap> pump::Tap for Tapped<T> {
         match self {
             Tapped::Parsed(t) => t.on_chunk(chunk),
             Tapped::Unparsed(c) => c.on_chunk(chunk),
+        }
+    }
+
+    fn wants_bytes(&self) -> bool {
+        match self {
+            Tapped::Parsed(t) => t.wants_bytes(),
+            Tapped::Unparsed(c) => c.wants_bytes(),
+        }
+    }
+
+    fn on_unseen(&mut self, n: usize) {
+        match self {
+            Tapped::Parsed(t) => t.on_unseen(n),
+            Tapped::Unparsed(c) => c.on_unseen(n),
         }
     }
 }

@@ -12,6 +12,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::splice::Pipe;
 use crate::link::{Direction, Flow, Link};
 
 /// Largest read per chunk. Large reads keep syscall overhead low at 10 Gb/s; the link caps
@@ -91,6 +92,16 @@ pub enum PumpError {
 pub trait Tap: Send {
     /// Called with each chunk, in order, after it was handed to the receiving socket.
     fn on_chunk(&mut self, chunk: &[u8]);
+
+    /// Whether the tap needs to see the bytes. While it does not, the pump may forward
+    /// without copying them through user space (splice) and reports only their number.
+    fn wants_bytes(&self) -> bool {
+        true
+    }
+
+    /// Called instead of [`Tap::on_chunk`] with the length of a chunk the tap did not see
+    /// (only while [`Tap::wants_bytes`] is false).
+    fn on_unseen(&mut self, _n: usize) {}
 }
 
 /// Counts forwarded bytes into a metric (routes that do not parse).
@@ -98,10 +109,22 @@ impl Tap for metrics::Counter {
     fn on_chunk(&mut self, chunk: &[u8]) {
         self.increment(chunk.len() as u64);
     }
+
+    fn wants_bytes(&self) -> bool {
+        false
+    }
+
+    fn on_unseen(&mut self, n: usize) {
+        self.increment(n as u64);
+    }
 }
 
 impl Tap for () {
     fn on_chunk(&mut self, _: &[u8]) {}
+
+    fn wants_bytes(&self) -> bool {
+        false
+    }
 }
 
 impl<T: Tap> Tap for Option<T> {
@@ -110,12 +133,31 @@ impl<T: Tap> Tap for Option<T> {
             t.on_chunk(chunk);
         }
     }
+
+    fn wants_bytes(&self) -> bool {
+        self.as_ref().is_some_and(T::wants_bytes)
+    }
+
+    fn on_unseen(&mut self, n: usize) {
+        if let Some(t) = self {
+            t.on_unseen(n);
+        }
+    }
 }
 
 impl<A: Tap, B: Tap> Tap for (A, B) {
     fn on_chunk(&mut self, chunk: &[u8]) {
         self.0.on_chunk(chunk);
         self.1.on_chunk(chunk);
+    }
+
+    fn wants_bytes(&self) -> bool {
+        self.0.wants_bytes() || self.1.wants_bytes()
+    }
+
+    fn on_unseen(&mut self, n: usize) {
+        self.0.on_unseen(n);
+        self.1.on_unseen(n);
     }
 }
 
@@ -202,20 +244,44 @@ async fn forward<T: Tap>(
     let mut total = 0u64;
     let mut delay_line: Option<DelayLine> = None;
     let mut flow = Flow::default();
+    // The zero-copy path's pipe, made once the direction is busy (a read filled the
+    // buffer: idle connections and small messages never need one); `Err` once making one
+    // failed (e.g. out of descriptors): the copy path serves the rest of the connection.
+    let mut pipe: Option<Result<Pipe, ()>> = None;
+    let mut busy = false;
     loop {
         let limit = link.chunk_limit(budget.per_direction());
-        if buf.len() < limit.min(MIN_CHUNK) {
-            buf.resize(limit.min(MIN_CHUNK), 0);
-        } else if buf.len() > limit * 2 {
-            // More connections now share the route's budget: give memory back.
-            buf.truncate(limit);
-            buf.shrink_to_fit();
+        // Zero copy while the tap does not look at the bytes and no delay line holds them.
+        let zero_copy = !tap.wants_bytes() && delay_line.is_none() && link.delay().is_zero();
+        if zero_copy && busy && pipe.is_none() {
+            pipe = Some(Pipe::new(limit).map_err(|e| {
+                tracing::debug!(error = %e, "no pipe for zero-copy forwarding; copying");
+            }));
         }
-        let want = buf.len().min(limit);
-        let n = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return Err(PumpError::Cancelled),
-            r = read(&src, &mut buf[..want]) => r.map_err(|source| PumpError::Read { side: from, source })?,
+        let via_pipe = match &pipe {
+            Some(Ok(p)) if zero_copy => Some(p),
+            _ => None,
+        };
+        let n = if let Some(p) = via_pipe {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(PumpError::Cancelled),
+                r = p.fill(&src, limit) => r.map_err(|source| PumpError::Read { side: from, source })?,
+            }
+        } else {
+            if buf.len() < limit.min(MIN_CHUNK) {
+                buf.resize(limit.min(MIN_CHUNK), 0);
+            } else if buf.len() > limit * 2 {
+                // More connections now share the route's budget: give memory back.
+                buf.truncate(limit);
+                buf.shrink_to_fit();
+            }
+            let want = buf.len().min(limit);
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(PumpError::Cancelled),
+                r = read(&src, &mut buf[..want]) => r.map_err(|source| PumpError::Read { side: from, source })?,
+            }
         };
         if n == 0 {
             if let Some(line) = delay_line.take() {
@@ -241,6 +307,16 @@ async fn forward<T: Tap>(
                 super::limit_receive_buffer(&src, &link, true);
             }
         }
+        total += n as u64;
+        if let Some(p) = via_pipe {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(PumpError::Cancelled),
+                r = p.drain(&dst, n) => r.map_err(|source| PumpError::Write { side: to, source })?,
+            }
+            tap.on_unseen(n);
+            continue;
+        }
         let delay = link.delay();
         if delay_line.is_none() && !delay.is_zero() {
             delay_line = Some(DelayLine::spawn(dst.clone(), to, cancel.clone()));
@@ -257,10 +333,12 @@ async fn forward<T: Tap>(
             },
         }
         tap.on_chunk(&buf[..n]);
-        total += n as u64;
         // A full read means a busy direction: grow the buffer towards MAX_CHUNK.
-        if n == buf.len() && buf.len() < limit {
-            buf.resize((buf.len() * 2).min(limit), 0);
+        if n == buf.len() {
+            busy = true;
+            if buf.len() < limit {
+                buf.resize((buf.len() * 2).min(limit), 0);
+            }
         }
     }
 }

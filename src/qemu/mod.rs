@@ -572,6 +572,30 @@ impl StreamParser {
         self.feed_inner(rest);
     }
 
+    /// Whether the rest of this stream is opaque (TLS, an unknown protocol, or after a
+    /// desync; opaque is final): its content is no longer looked at, only counted, so the
+    /// caller may forward it without reading it (see [`StreamParser::feed_opaque`]).
+    pub fn is_opaque(&self) -> bool {
+        match &self.inner {
+            Inner::Detecting { .. } => false,
+            Inner::Main(m) => m.is_opaque(),
+            Inner::Multifd(m) => m.is_opaque(),
+            Inner::Opaque => true,
+        }
+    }
+
+    /// Feeds `n` bytes the caller did not read, with the same effect as feeding them:
+    /// only valid while [`StreamParser::is_opaque`], where content does not matter.
+    pub fn feed_opaque(&mut self, mut n: usize, now: Instant) {
+        static FILLER: [u8; 64 * 1024] = [0; 64 * 1024];
+        debug_assert!(self.is_opaque());
+        while n > 0 {
+            let k = n.min(FILLER.len());
+            self.feed(&FILLER[..k], now);
+            n -= k;
+        }
+    }
+
     fn start(&mut self, kind: ChannelKind) {
         self.kind = Some(kind);
         self.core.push(0, EventKind::Channel(kind));

@@ -205,6 +205,11 @@ impl MultifdParser {
         core.attribute(self.pos);
     }
 
+    /// Opaque for good: the rest of the stream is only counted.
+    pub(super) fn is_opaque(&self) -> bool {
+        self.st == St::Opaque
+    }
+
     fn go_opaque(&mut self, core: &mut Core, reason: DesyncReason) {
         core.stats.opaque_bytes += self.pos - self.unit;
         core.desync(self.unit, reason);

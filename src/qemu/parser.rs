@@ -303,6 +303,11 @@ impl MainParser {
         self.saw_eof
     }
 
+    /// Opaque for good: the rest of the stream is only counted.
+    pub(super) fn is_opaque(&self) -> bool {
+        self.st == St::Opaque && self.replay_len == 0
+    }
+
     /// Feeds bytes (already counted in `core.stats.total_bytes`).
     pub(super) fn feed(&mut self, core: &mut Core, data: &[u8]) {
         let mut i = 0;
