@@ -832,3 +832,75 @@ async fn vanished_destination_is_noticed_by_keepalive_and_the_source_closed() {
     assert_eq!(r["outcome"], "failed");
     assert!(r["cause"].as_str().unwrap().contains("timed out"), "{r}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_closes_either_way_leave_the_other_direction_flowing() {
+    let replay = migshaper::demo::Replay::bundled().unwrap();
+    let dest = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let s = serve(dest.local_addr().unwrap(), &["--link", "unlimited"]);
+    let reply: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+
+    // 1. The source sends a whole migration and half-closes; the destination, after
+    // reading to EOF, keeps sending to the source (as QEMU's return path may).
+    let mut c = TcpStream::connect(s.listen).await.unwrap();
+    let (mut d, _) = dest.accept().await.unwrap();
+    let mut got = Vec::new();
+    let (w, r) = tokio::join!(
+        async {
+            c.write_all(&replay.main).await?;
+            c.shutdown().await
+        },
+        d.read_to_end(&mut got)
+    );
+    w.unwrap();
+    r.unwrap();
+    assert!(got == *replay.main, "the stream arrived changed");
+    let mut back = Vec::new();
+    let (w, r) = tokio::join!(
+        async {
+            d.write_all(&reply).await?;
+            d.shutdown().await
+        },
+        c.read_to_end(&mut back)
+    );
+    w.unwrap();
+    r.unwrap();
+    assert!(
+        back == reply,
+        "the reply after the source's FIN arrived changed"
+    );
+    let line = s.log("connection closed", None).await;
+    assert_eq!(line["to_source"], reply.len() as u64, "{line}");
+    assert_eq!(line["to_destination"], replay.main.len() as u64, "{line}");
+
+    // 2. The other way round: the destination half-closes first and the source keeps
+    // sending a whole migration.
+    let mut c = TcpStream::connect(s.listen).await.unwrap();
+    let (mut d, _) = dest.accept().await.unwrap();
+    d.shutdown().await.unwrap();
+    let mut eof = [0u8; 1];
+    assert_eq!(c.read(&mut eof).await.unwrap(), 0, "the FIN was passed on");
+    let mut got = Vec::new();
+    let (w, r) = tokio::join!(
+        async {
+            c.write_all(&replay.main).await?;
+            c.shutdown().await
+        },
+        d.read_to_end(&mut got)
+    );
+    w.unwrap();
+    r.unwrap();
+    assert!(
+        got == *replay.main,
+        "the stream after the destination's FIN arrived changed"
+    );
+
+    s.metric(r#"migshaper_connections_total{route="default",channel="main",outcome="closed"} 2"#)
+        .await;
+    s.metric(r#"migshaper_migrations_total{route="default",outcome="completed"} 2"#)
+        .await;
+    for n in [1, 2] {
+        let r = s.record(n).await;
+        assert_eq!(r["outcome"], "completed", "{r}");
+    }
+}
