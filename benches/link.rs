@@ -1,7 +1,9 @@
 //! The core benchmark: how accurately and cheaply migshaper emulates a link.
 //!
 //! One invocation runs, interleaved round by round, direct loopback, migshaper unlimited,
-//! 1g and 10g (`--framing none`), each with 1 and 4 bulk streams. Every run also measures
+//! 1g and 10g (`--framing none`), each with 1 and 4 bulk streams, and 1g and 10g again with
+//! the zero-copy path off (`zero_copy = false`: every chunk copied through user space, as
+//! for a QEMU stream that is parsed). Every run also measures
 //! the post-copy pattern: a 64-byte ping sent every 10 ms by the receiver on the reverse
 //! direction of bulk stream 0 and answered inside the bulk stream, and the same ping-pong
 //! on a second, otherwise idle connection of the same route. migshaper runs as its own
@@ -47,12 +49,16 @@ const TAG_BULK: u8 = 0;
 const TAG_PONG: u8 = 1;
 
 /// migshaper's routes in the benchmark: name, link, parsing on.
-const ROUTES: [(&str, &str, bool); 5] = [
-    ("unlimited", "unlimited", true),
-    ("g1", "1g", true),
-    ("g10", "10g", true),
-    ("unlimited-noparse", "unlimited", false),
-    ("g10-noparse", "10g", false),
+/// Routes of the migshaper under test: name, link, parse, zero copy.
+const ROUTES: [(&str, &str, bool, bool); 7] = [
+    ("unlimited", "unlimited", true, true),
+    ("g1", "1g", true, true),
+    ("g10", "10g", true, true),
+    ("unlimited-noparse", "unlimited", false, true),
+    ("g10-noparse", "10g", false, true),
+    // The same links with the copy path only, for the zero-copy comparison.
+    ("g1-copy", "1g", true, false),
+    ("g10-copy", "10g", true, false),
 ];
 
 #[derive(Clone)]
@@ -103,6 +109,8 @@ fn main() {
         target("migshaper unlimited", None, 1, false),
         target("migshaper 1g", Some(1e9), 2, false),
         target("migshaper 10g", Some(10e9), 3, false),
+        target("migshaper 1g, copy path", Some(1e9), 6, false),
+        target("migshaper 10g, copy path", Some(10e9), 7, false),
         target("QEMU stream: unlimited, parsing on", None, 1, true),
         target("QEMU stream: unlimited, parsing off", None, 4, true),
         target("QEMU stream: 10g, parsing on", Some(10e9), 3, true),
@@ -155,9 +163,9 @@ fn start_migshaper(args: &Args, sinks: &[Arc<TcpListener>]) -> (Child, Vec<Socke
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("bench.toml");
     let mut text = String::new();
-    for ((name, link, parse), sink) in ROUTES.iter().zip(sinks) {
+    for ((name, link, parse, zero_copy), sink) in ROUTES.iter().zip(sinks) {
         text += &format!(
-            "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\nlink = \"{link}\"\nframing = \"none\"\nburst = \"{}\"\nparse = {parse}\n\n",
+            "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\nlink = \"{link}\"\nframing = \"none\"\nburst = \"{}\"\nparse = {parse}\nzero_copy = {zero_copy}\n\n",
             sink.local_addr().unwrap(),
             args.burst
         );

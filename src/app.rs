@@ -126,6 +126,7 @@ impl Server {
             };
             let options = RouteOptions {
                 no_parse: !r.parse,
+                no_zero_copy: !r.zero_copy,
                 capture,
                 max_connections: r.max_connections,
                 keepalive: (!config.keepalive.is_zero()).then_some(config.keepalive),

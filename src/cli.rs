@@ -227,6 +227,10 @@ pub struct ServeArgs {
     /// Forward and shape only: do not parse the QEMU stream (no phases, no records).
     #[arg(long, conflicts_with = "config")]
     pub no_parse: bool,
+    /// Always copy the bytes through user space, never splice(2) them (for comparisons, or
+    /// a kernel whose splice misbehaves).
+    #[arg(long, conflicts_with = "config")]
+    pub no_zero_copy: bool,
     /// Write every connection's bytes to DIR/c<N>.s2d.bin and DIR/c<N>.d2s.bin (N in
     /// accept order; DIR/<route>/ with several routes), e.g. to record captures for
     /// `migshaper inspect`.
@@ -290,6 +294,7 @@ impl ServeArgs {
             },
             delay: self.delay.unwrap_or_default().0,
             parse: !self.no_parse,
+            zero_copy: !self.no_zero_copy,
             max_connections: self.max_connections,
         };
         let mut c = Config {

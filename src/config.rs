@@ -80,6 +80,9 @@ pub struct RouteConfig {
     /// Parse the QEMU stream and account migrations (`parse = false`: forward and shape
     /// only).
     pub parse: bool,
+    /// Forward with splice(2) while nothing looks at the bytes (`zero_copy = false`:
+    /// always copy through user space; for comparisons, or a kernel whose splice misbehaves).
+    pub zero_copy: bool,
     /// Connections open at once (accepted and not yet closed); more are refused.
     pub max_connections: usize,
 }
@@ -135,6 +138,7 @@ struct FileRoute {
     framing: Option<Framing>,
     delay: Option<HumanDuration>,
     parse: Option<bool>,
+    zero_copy: Option<bool>,
     max_connections: Option<usize>,
 }
 
@@ -172,6 +176,7 @@ impl Config {
                 },
                 delay: r.delay.unwrap_or_default().0,
                 parse: r.parse.unwrap_or(true),
+                zero_copy: r.zero_copy.unwrap_or(true),
                 max_connections: r.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             })
             .collect();

@@ -135,6 +135,7 @@ pub async fn replay_through(replay: &Replay, rate: &str) -> Result<Record, DemoE
             },
             delay: Duration::ZERO,
             parse: true,
+            zero_copy: true,
             max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
         }],
         connect_timeout: Duration::from_secs(5),

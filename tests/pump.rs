@@ -42,6 +42,7 @@ async fn through_pump(
     len: usize,
     shape: Shape,
     look_for: usize,
+    zero_copy: bool,
 ) -> (Vec<u8>, Vec<u8>, u64, Recorder) {
     let (mut sender, src) = pair().await;
     let (dst, mut receiver) = pair().await;
@@ -65,6 +66,7 @@ async fn through_pump(
     let share = RouteShare {
         wait: metrics::Gauge::noop(),
         budget: BufferBudget::new(slots, 1),
+        zero_copy,
     };
     let pumped = tokio::spawn(pump(
         Arc::new(src),
@@ -91,7 +93,7 @@ async fn through_pump(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_copy_path_forwards_unchanged_and_counts_every_byte() {
     const LEN: usize = 256 << 20;
-    let (data, got, total, tap) = through_pump(LEN, Shape::UNLIMITED, 0).await;
+    let (data, got, total, tap) = through_pump(LEN, Shape::UNLIMITED, 0, true).await;
     assert!(got == data, "the stream arrived changed");
     assert_eq!(total, LEN as u64);
     // The first read of a direction is copied (a pipe is only made for a busy one); the
@@ -117,7 +119,7 @@ async fn switching_to_zero_copy_mid_stream_keeps_order_and_counts() {
             ..Shape::UNLIMITED
         },
     ] {
-        let (data, got, total, tap) = through_pump(LEN, shape, LOOK).await;
+        let (data, got, total, tap) = through_pump(LEN, shape, LOOK, true).await;
         assert!(got == data, "the stream arrived changed ({shape:?})");
         assert_eq!(total, LEN as u64);
         // The tap saw exactly a prefix of the stream, then only counts.
@@ -125,4 +127,14 @@ async fn switching_to_zero_copy_mid_stream_keeps_order_and_counts() {
         assert!(data.starts_with(&tap.seen));
         assert_eq!(tap.seen.len() as u64 + tap.unseen, LEN as u64);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_zero_copy_off_every_byte_is_copied() {
+    const LEN: usize = 32 << 20;
+    let (data, got, total, tap) = through_pump(LEN, Shape::UNLIMITED, 0, false).await;
+    assert!(got == data, "the stream arrived changed");
+    assert_eq!(total, LEN as u64);
+    assert_eq!(tap.unseen, 0);
+    assert!(tap.seen == data);
 }

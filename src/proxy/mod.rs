@@ -50,6 +50,8 @@ pub struct Route {
 pub struct RouteOptions {
     /// Parse the QEMU stream and account migrations (default). Off: forward and shape only.
     pub no_parse: bool,
+    /// Never splice: copy every chunk through user space.
+    pub no_zero_copy: bool,
     /// Write each connection's bytes to `DIR/c<N>.s2d.bin` and `DIR/c<N>.d2s.bin`
     /// (N in accept order from 0).
     pub capture: Option<std::path::PathBuf>,
@@ -287,6 +289,7 @@ impl Connector {
             };
             let conn = Connection {
                 budget: self.budget.clone(),
+                zero_copy: !self.options.no_zero_copy,
                 client: Arc::new(client),
                 upstream: Arc::new(upstream),
                 link: self.link.clone(),
@@ -414,6 +417,8 @@ struct Connection {
     _slot: tokio::sync::OwnedSemaphorePermit,
     /// Shares the route's buffer memory between its connections.
     budget: pump::BufferBudget,
+    /// Splice chunks nobody looks at.
+    zero_copy: bool,
     /// The migration this connection belongs to (parsed routes).
     migration: Option<Arc<crate::migration::Migration>>,
     fwd_tap: (Tapped<ForwardTap>, Option<CaptureTap>),
@@ -466,6 +471,7 @@ impl Connection {
             _slot,
             migration,
             budget,
+            zero_copy,
         } = self;
         let _ = client.set_nodelay(true);
         debug!(local = ?upstream.local_addr().ok(), "connected upstream");
@@ -480,6 +486,7 @@ impl Connection {
                 pump::RouteShare {
                     wait: metrics.wait(Direction::ToDestination),
                     budget: budget.clone(),
+                    zero_copy,
                 },
                 fwd_tap,
             )
@@ -495,6 +502,7 @@ impl Connection {
                 pump::RouteShare {
                     wait: metrics.wait(Direction::ToSource),
                     budget,
+                    zero_copy,
                 },
                 rev_tap,
             )

@@ -62,6 +62,8 @@ pub struct RouteShare {
     pub wait: metrics::Gauge,
     /// The route's read-buffer budget.
     pub budget: BufferBudget,
+    /// Whether chunks nobody looks at may be spliced instead of copied.
+    pub zero_copy: bool,
 }
 
 /// Why a direction stopped early.
@@ -232,7 +234,11 @@ async fn forward<T: Tap>(
     share: &RouteShare,
     tap: &mut T,
 ) -> Result<u64, PumpError> {
-    let RouteShare { wait, budget } = share;
+    let RouteShare {
+        wait,
+        budget,
+        zero_copy,
+    } = share;
     let (from, to) = sides(dir);
     let mut generation = link.generation();
     if dir == Direction::ToDestination {
@@ -252,7 +258,8 @@ async fn forward<T: Tap>(
     loop {
         let limit = link.chunk_limit(budget.per_direction());
         // Zero copy while the tap does not look at the bytes and no delay line holds them.
-        let zero_copy = !tap.wants_bytes() && delay_line.is_none() && link.delay().is_zero();
+        let zero_copy =
+            *zero_copy && !tap.wants_bytes() && delay_line.is_none() && link.delay().is_zero();
         if zero_copy && busy && pipe.is_none() {
             pipe = Some(Pipe::new(limit).map_err(|e| {
                 tracing::debug!(error = %e, "no pipe for zero-copy forwarding; copying");

@@ -46,6 +46,7 @@ pub fn route(upstream: SocketAddr, link: &str) -> RouteConfig {
         },
         delay: Duration::ZERO,
         parse: true,
+        zero_copy: true,
         max_connections: migshaper::config::DEFAULT_MAX_CONNECTIONS,
     }
 }
