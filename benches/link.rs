@@ -423,6 +423,7 @@ struct BulkOut {
 
 /// Reads once, with the kernel's receive time of the last segment read (ns since the Unix
 /// epoch; SO_TIMESTAMPNS must be on).
+#[allow(clippy::ptr_arg)] // nix's recvmsg takes the control buffer as `&mut Vec<u8>`
 fn recv_stamped(
     s: &TcpStream,
     buf: &mut [u8],
@@ -534,6 +535,10 @@ fn bulk_receiver(
         let ms = epoch.elapsed().as_millis() as usize;
         if ms < read_bins.len() {
             read_bins[ms] += n as u64;
+        }
+        reads += 1;
+        if stamp.is_none() {
+            unstamped += 1;
         }
         let arrived = stamp.map_or(ms, |t| {
             (t.saturating_sub(epoch_unix_ns) / 1_000_000) as usize
