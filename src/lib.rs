@@ -11,7 +11,7 @@
 //! | [`config`] | validated configuration from flags or a TOML file; every error names file, key, value |
 //! | [`cli`] | clap definitions; `main.rs` is a thin shell over them |
 //! | [`link`] | the shared full-duplex link: one sans-IO [`link::TokenBucket`] per direction, a delay |
-//! | [`proxy`] | accept loop, in-order upstream connector, one pump task per direction |
+//! | [`proxy`] | accept loop, in-order upstream connector, one pump task per direction (copy or zero-copy `splice`) |
 //! | [`app`] | bind every route, run, drain on shutdown |
 //! | [`inspect`] | `migshaper inspect`: offline analysis of capture files (plain or `.zst`) into bytes per phase and QEMU's RAM counters |
 //! | [`qemu`] | sans-IO parser of the QEMU migration stream, return path and multifd channels: channel kind, phases, QEMU's own RAM counters |
@@ -36,6 +36,8 @@
 //!    into the connection's [`migration::Migration`] (the first connection of a route opens
 //!    one, later ones join it); the reverse tap parses the return path on the main channel.
 //!    When a migration's last connection closes, its record is written (`--records`).
+//!    While a tap needs no bytes (parsing off, TLS or opaque streams), a busy direction
+//!    moves its chunks socket → pipe → socket ([`proxy::splice`]) and the tap only counts.
 //! 5. Everything countable goes to the route's [`metrics::RouteMetrics`] as it happens (bytes
 //!    per phase from the taps, waits from the pumps, phases from the parser events), and the
 //!    control API ([`control`]) renders them and changes a route's link: a change goes
