@@ -9,7 +9,7 @@
 //! on a second, otherwise idle connection of the same route. migshaper runs as its own
 //! process (the real binary), so its CPU time is read from /proc.
 //!
-//! Run: `cargo bench --bench link` (options: `-- --secs 3 --rounds 3 --burst 2ms`).
+//! Run: `cargo bench --bench link` (options: `-- --secs 3 --rounds 3 --burst 1ms`).
 //! Prints a Markdown table; figures are means over rounds.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -32,7 +32,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// migshaper's --burst for the shaped routes.
-    #[arg(long, default_value = "2ms")]
+    #[arg(long, default_value = "1ms")]
     burst: String,
     /// Only run configurations whose name contains this.
     #[arg(long)]

@@ -197,7 +197,7 @@ pub struct ServeArgs {
     /// Line rate: 1g, 10g, 2.5gbit, 100mbit, 125MB/s, 1.25GB/s, unlimited (decimal SI).
     #[arg(long, required_unless_present = "config")]
     pub link: Option<LinkRate>,
-    /// Burst tolerance: a duration of line rate (default 2ms) or bytes (e.g. 250KB).
+    /// Burst tolerance: a duration of line rate (default 1ms) or bytes (e.g. 125KB).
     #[arg(long)]
     pub burst: Option<Burst>,
     /// Per-segment overhead charged: none | ethernet[:MTU] (default ethernet:1500, so 1g

@@ -25,7 +25,7 @@ pub enum SpecError {
     Link(String),
     /// A burst such as `4ms` was malformed or out of range.
     #[error(
-        "invalid burst {0:?}: expected a duration of line rate (e.g. 2ms (the default), 500us; at most 1s) \
+        "invalid burst {0:?}: expected a duration of line rate (e.g. 1ms (the default), 500us; at most 1s) \
          or a size in bytes (e.g. 500KB, 1MiB, 65536)"
     )]
     Burst(String),
@@ -148,11 +148,12 @@ pub enum Burst {
 }
 
 impl Burst {
-    /// The default: 2 ms of line rate. Measured with `cargo bench --bench link` (README,
-    /// "Choosing the burst"): with the sub-millisecond pacer 2 ms keeps the mean within
-    /// 0.1 % at 1 and 10 Gb/s on a loaded 2-core machine, 1 ms lost up to 0.8 % at 10 Gb/s,
-    /// and every extra millisecond of burst is an extra 1 % peak in a 100 ms window.
-    pub const DEFAULT: Burst = Burst::Time(Duration::from_millis(2));
+    /// The default: 1 ms of line rate. Measured with `cargo bench --bench link` (README,
+    /// "Choosing the burst"): with the sub-millisecond pacer and the zero-copy path, 1 ms
+    /// keeps the mean within 0.1 % at 1 and 10 Gb/s, also with a busy loop on the other of
+    /// 2 cores, and every extra millisecond of burst is an extra 1 % peak in a 100 ms window
+    /// (2 ms, the earlier default, peaked at 1.022 at 10 Gb/s; 1 ms at 1.011).
+    pub const DEFAULT: Burst = Burst::Time(Duration::from_millis(1));
 
     /// The burst in bytes at the given line rate (`None` when unlimited).
     pub fn bytes_at(self, rate: LinkRate) -> Option<u64> {
@@ -391,7 +392,7 @@ mod tests {
             Burst::Bytes(NonZeroU64::new(65536).unwrap())
         );
         let g1: LinkRate = "1g".parse().unwrap();
-        assert_eq!(Burst::DEFAULT.bytes_at(g1), Some(250_000));
+        assert_eq!(Burst::DEFAULT.bytes_at(g1), Some(125_000));
         assert_eq!(Burst::DEFAULT.bytes_at(LinkRate::Unlimited), None);
         for bad in ["0ms", "2s", "x", "0", "-1ms"] {
             assert!(bad.parse::<Burst>().is_err(), "{bad}");
