@@ -89,7 +89,8 @@ pub struct RouteConfig {
 
 /// Default per-route connection limit: QEMU opens at most 1 main + 255 multifd + 1 preempt
 /// channels per migration; 1024 leaves room for several migrations and stray clients while
-/// bounding file descriptors (2 sockets per connection, 4 more for zero-copy pipes) well under the raised RLIMIT_NOFILE.
+/// bounding file descriptors (2 sockets per connection, 4 more for zero-copy pipes) well
+/// under the raised RLIMIT_NOFILE.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 /// Everything `serve` runs.

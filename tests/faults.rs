@@ -161,14 +161,7 @@ async fn shutdown_during_four_migrations_writes_four_interrupted_records() {
             .await
             .unwrap();
         let (mut d, _) = dest.accept().await.unwrap();
-        let mut got = vec![0u8; 8_000_000];
-        let (w, r) = tokio::join!(
-            src.write_all(&replay.main[..8_000_000]),
-            d.read_exact(&mut got)
-        );
-        w.unwrap();
-        r.unwrap();
-        assert_eq!(&got[..], &replay.main[..8_000_000]);
+        forward_checked(&mut src, &mut d, &replay.main[..8_000_000]).await;
         held.push((src, d));
     }
     for r in &server.routes {
@@ -360,6 +353,15 @@ impl Served {
     }
 }
 
+/// Sends `bytes` from the source side `src` and checks they arrive unchanged at `dst`.
+async fn forward_checked(src: &mut TcpStream, dst: &mut TcpStream, bytes: &[u8]) {
+    let mut got = vec![0u8; bytes.len()];
+    let (w, r) = tokio::join!(src.write_all(bytes), dst.read_exact(&mut got));
+    w.unwrap();
+    r.unwrap();
+    assert!(got == bytes, "the stream arrived changed");
+}
+
 fn reset(s: TcpStream) {
     let s = s.into_std().unwrap();
     socket2::SockRef::from(&s)
@@ -460,14 +462,7 @@ async fn fault_destination_resets_mid_stream() {
     let s = serve(dest.local_addr().unwrap(), &[]);
     let mut c = TcpStream::connect(s.listen).await.unwrap();
     let (mut d, _) = dest.accept().await.unwrap();
-    let mut got = vec![0u8; 4_000_000];
-    let (w, r) = tokio::join!(
-        c.write_all(&replay.main[..4_000_000]),
-        d.read_exact(&mut got)
-    );
-    w.unwrap();
-    r.unwrap();
-    assert_eq!(&got[..], &replay.main[..4_000_000]);
+    forward_checked(&mut c, &mut d, &replay.main[..4_000_000]).await;
     reset(d);
     // The source sees its connection fail (its next writes or reads).
     let failed = tokio::time::timeout(Duration::from_secs(10), async {
@@ -504,13 +499,7 @@ async fn fault_source_resets_mid_stream() {
     let s = serve(dest.local_addr().unwrap(), &[]);
     let mut c = TcpStream::connect(s.listen).await.unwrap();
     let (mut d, _) = dest.accept().await.unwrap();
-    let mut got = vec![0u8; 4_000_000];
-    let (w, r) = tokio::join!(
-        c.write_all(&replay.main[..4_000_000]),
-        d.read_exact(&mut got)
-    );
-    w.unwrap();
-    r.unwrap();
+    forward_checked(&mut c, &mut d, &replay.main[..4_000_000]).await;
     reset(c);
     let mut rest = Vec::new();
     let r = tokio::time::timeout(Duration::from_secs(10), d.read_to_end(&mut rest)).await;
@@ -808,14 +797,7 @@ async fn vanished_destination_is_noticed_by_keepalive_and_the_source_closed() {
     let mut c = TcpStream::connect(s.listen).await.unwrap();
     let (mut d, _) = dest.accept().await.unwrap();
     let replay = migshaper::demo::Replay::bundled().unwrap();
-    let mut got = vec![0u8; 1_000_000];
-    let (w, r) = tokio::join!(
-        c.write_all(&replay.main[..1_000_000]),
-        d.read_exact(&mut got)
-    );
-    w.unwrap();
-    r.unwrap();
-    assert_eq!(&got[..], &replay.main[..1_000_000]);
+    forward_checked(&mut c, &mut d, &replay.main[..1_000_000]).await;
     // The destination host vanishes without a FIN or reset: its link goes down and
     // nothing answers any more. The idle source would wait forever without keepalive.
     ip(&["-n", &ns.name, "link", "set", &ns.peer, "down"]);

@@ -355,36 +355,29 @@ fn cli_config_errors_exit_2_naming_file_key_and_value() {
         ),
         ("no-routes.toml", "connect_timeout='5s'\n", "route"),
     ];
+    /// Runs `serve --config path`, expects exit 2, returns stderr.
+    fn config_fails(path: &std::path::Path) -> String {
+        let out = migshaper()
+            .args(["serve", "--control", "127.0.0.1:0", "--config"])
+            .arg(path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{}: {err}", path.display());
+        err
+    }
     for (file, text, needle) in cases {
         let path = dir.join(file);
         std::fs::write(&path, text).unwrap();
-        let out = migshaper()
-            .args(["serve", "--control", "127.0.0.1:0", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{file}: {err}");
+        let err = config_fails(&path);
         assert!(err.contains(file) && err.contains(needle), "{file}: {err}");
     }
-    let out = migshaper()
-        .args(["serve", "--control", "127.0.0.1:0", "--config"])
-        .arg(dir.join("missing.toml"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+    assert!(config_fails(&dir.join("missing.toml")).contains("missing.toml"));
     // Unreadable: a directory, and bytes that are not UTF-8 (root reads any mode bits).
     let not_utf8 = dir.join("latin1.toml");
     std::fs::write(&not_utf8, b"[[route]]\nname='\xe9'\n").unwrap();
     for (path, needle) in [(dir.clone(), "directory"), (not_utf8, "UTF-8")] {
-        let out = migshaper()
-            .args(["serve", "--control", "127.0.0.1:0", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{err}");
+        let err = config_fails(&path);
         assert!(
             err.contains(&*path.to_string_lossy()) && err.contains(needle),
             "{err}"

@@ -257,16 +257,16 @@ async fn forward<T: Tap>(
     let mut busy = false;
     loop {
         let limit = link.chunk_limit(budget.per_direction());
-        // Zero copy while the tap does not look at the bytes and no delay line holds them.
-        let zero_copy =
+        // Splice while the tap does not look at the bytes and no delay line holds them.
+        let splice_now =
             *zero_copy && !tap.wants_bytes() && delay_line.is_none() && link.delay().is_zero();
-        if zero_copy && busy && pipe.is_none() {
+        if splice_now && busy && pipe.is_none() {
             pipe = Some(Pipe::new(limit).map_err(|e| {
                 tracing::debug!(error = %e, "no pipe for zero-copy forwarding; copying");
             }));
         }
         let via_pipe = match &pipe {
-            Some(Ok(p)) if zero_copy => Some(p),
+            Some(Ok(p)) if splice_now => Some(p),
             _ => None,
         };
         let n = if let Some(p) = via_pipe {

@@ -40,11 +40,6 @@ impl Pipe {
         })
     }
 
-    /// Bytes the pipe holds at most.
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// Moves up to `len` bytes (at most the capacity) from `src` into the pipe, which must
     /// be empty. Returns 0 at end of stream.
     pub async fn fill(&self, src: &TcpStream, len: usize) -> io::Result<usize> {
