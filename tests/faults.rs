@@ -344,7 +344,10 @@ impl Served {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let text = std::fs::read_to_string(&self.records).unwrap_or_default();
-            if let Some(l) = text.lines().nth(n - 1) {
+            // Only whole lines: a read may overlap the write of the next record (a reader
+            // of a regular file can see part of a concurrent write).
+            let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+            if let Some(l) = whole.lines().nth(n - 1) {
                 return serde_json::from_str(l).unwrap();
             }
             assert!(Instant::now() < deadline, "no record {n}");
