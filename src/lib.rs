@@ -27,9 +27,10 @@
 //! 2. Each route accepts source connections; a single connector task opens the upstream
 //!    connections one at a time, in accept order (QEMU assigns channel roles by order).
 //! 3. Each connection gets two pump tasks ([`proxy::pump::pump`]): read a chunk (at most
-//!    the burst), book the route's bucket for that direction ([`link::Link::acquire`]),
-//!    wait until the booking's release time, write the chunk (through the delay line if
-//!    a delay is set), repeat. EOF is passed on as a half-close; an error resets both
+//!    half the burst), book the route's bucket for that direction ([`link::Link::acquire`]),
+//!    wait until the booking's release time, book the release on the wire as it really was
+//!    (a late release spends the burst credit instead of pulling the next chunks along),
+//!    write the chunk (through the delay line if a delay is set), repeat. EOF is passed on as a half-close; an error resets both
 //!    sides.
 //! 4. After each write the chunk goes to the connection's taps ([`proxy::pump::Tap`]):
 //!    the forward tap feeds the sans-IO [`qemu::StreamParser`] and books the bytes per phase
