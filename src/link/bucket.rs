@@ -76,15 +76,45 @@ struct Cost {
 pub struct TokenBucket {
     shape: Shape,
     cost: Option<Cost>,
-    /// When the virtual wire finishes everything reserved so far.
-    free_at: Instant,
-    /// Sub-nanosecond remainder of `free_at`, in units of `1/denom` ns.
-    frac: u128,
+    /// When the virtual wire finishes everything reserved so far (`free_at` above).
+    booked: Wire,
     /// When the wire finished the chunks actually released so far, by their release
     /// instants rather than their bookings (see [`TokenBucket::release`]).
-    released_until: Instant,
-    /// Sub-nanosecond remainder of `released_until`.
-    released_frac: u128,
+    released: Wire,
+}
+
+/// A wire's schedule: when it finishes what it carries, exactly.
+#[derive(Debug, Clone, Copy)]
+struct Wire {
+    end: Instant,
+    /// Sub-nanosecond remainder of `end`, in units of `1/denom` ns.
+    frac: u128,
+}
+
+impl Wire {
+    fn idle_at(now: Instant) -> Wire {
+        Wire { end: now, frac: 0 }
+    }
+
+    /// Appends `n` bytes at `cost` and returns how long they take.
+    fn charge(&mut self, n: u64, cost: &Cost) -> Duration {
+        let total = u128::from(n) * cost.per_byte + self.frac;
+        self.frac = total % cost.denom;
+        let d = Duration::from_nanos((total / cost.denom).min(u128::from(u64::MAX)) as u64);
+        self.end += d;
+        d
+    }
+
+    /// Appends `n` bytes arriving at `now`: an idle wire accrues at most `burst` of credit.
+    /// Returns when they are through.
+    fn book(&mut self, n: u64, cost: &Cost, now: Instant) -> Instant {
+        let earliest = now.checked_sub(cost.tau).unwrap_or(now);
+        if earliest > self.end {
+            *self = Wire::idle_at(earliest);
+        }
+        self.charge(n, cost);
+        self.end
+    }
 }
 
 impl TokenBucket {
@@ -94,10 +124,8 @@ impl TokenBucket {
         TokenBucket {
             shape,
             cost: Self::cost_of(&shape),
-            free_at: now,
-            frac: 0,
-            released_until: now,
-            released_frac: 0,
+            booked: Wire::idle_at(now),
+            released: Wire::idle_at(now),
         }
     }
 
@@ -126,10 +154,8 @@ impl TokenBucket {
     pub fn set_shape(&mut self, shape: Shape, now: Instant) {
         self.shape = shape;
         self.cost = Self::cost_of(&shape);
-        self.free_at = self.free_at.max(now);
-        self.frac = 0;
-        self.released_until = self.released_until.max(now);
-        self.released_frac = 0;
+        self.booked = Wire::idle_at(self.booked.end.max(now));
+        self.released = Wire::idle_at(self.released.end.max(now));
     }
 
     /// Reserves the wire for `n` payload bytes at `now` and returns when they may leave.
@@ -138,17 +164,7 @@ impl TokenBucket {
         let Some(cost) = self.cost else {
             return now;
         };
-        let earliest = now.checked_sub(cost.tau).unwrap_or(now);
-        if earliest > self.free_at {
-            // Idle for longer than the burst: credit is capped at `burst`.
-            self.free_at = earliest;
-            self.frac = 0;
-        }
-        let total = u128::from(n) * cost.per_byte + self.frac;
-        let ns = total / cost.denom;
-        self.frac = total % cost.denom;
-        self.free_at += Duration::from_nanos(ns.min(u128::from(u64::MAX)) as u64);
-        self.free_at.max(now)
+        self.booked.book(n, &cost, now).max(now)
     }
 
     /// Reserves the wire for a sparse flow's `n` bytes at `now`: they jump ahead of the
@@ -160,15 +176,10 @@ impl TokenBucket {
         let Some(cost) = self.cost else {
             return now;
         };
-        if self.free_at <= now {
+        if self.booked.end <= now {
             return self.reserve(n, now);
         }
-        let total = u128::from(n) * cost.per_byte + self.frac;
-        let ns = total / cost.denom;
-        self.frac = total % cost.denom;
-        let d = Duration::from_nanos(ns.min(u128::from(u64::MAX)) as u64);
-        self.free_at += d;
-        now + d
+        now + self.booked.charge(n, &cost)
     }
 
     /// Books the real wire for a chunk of `n` payload bytes whose booking (from
@@ -184,27 +195,18 @@ impl TokenBucket {
         let Some(cost) = self.cost else {
             return now;
         };
-        let earliest = now.checked_sub(cost.tau).unwrap_or(now);
-        if earliest > self.released_until {
-            self.released_until = earliest;
-            self.released_frac = 0;
-        }
-        let total = u128::from(n) * cost.per_byte + self.released_frac;
-        let ns = total / cost.denom;
-        self.released_frac = total % cost.denom;
-        self.released_until += Duration::from_nanos(ns.min(u128::from(u64::MAX)) as u64);
-        if self.released_until > self.free_at {
+        let go = self.released.book(n, &cost, now);
+        if go > self.booked.end {
             // Releases ran late: the wire lost that time; later bookings start after it.
-            self.free_at = self.released_until;
-            self.frac = self.released_frac;
+            self.booked = self.released;
         }
-        self.released_until
+        go
     }
 
     /// How long the wire is booked beyond `now` (zero when idle): the queue a newcomer
     /// would wait behind.
     pub fn backlog(&self, now: Instant) -> Duration {
-        self.free_at.saturating_duration_since(now)
+        self.booked.end.saturating_duration_since(now)
     }
 }
 
