@@ -117,7 +117,8 @@ impl Link {
 
     /// The largest chunk a reader should take at once: at most `max`, half the burst and
     /// 1 ms of line rate (so a 100 ms window of a shaped link is never off by more than 1 %
-    /// from chunking alone). Half the burst, because a release is checked against the
+    /// from chunking alone; on links slower than 12 Mb/s, 1500 bytes unless that is more
+    /// than half the burst). Half the burst, because a release is checked against the
     /// wire's real output ([`TokenBucket::release`]): a chunk released late by up to the
     /// rest of the burst still fits in the credit and costs no throughput. Measured at
     /// 1 Gb/s with a 1 ms burst: whole-burst chunks lost 1 % of the rate to wake-ups more
@@ -131,7 +132,7 @@ impl Link {
             return max;
         };
         let per_ms = (bits / 8.0 / 1000.0) as u64;
-        let limit = (burst / 2).min(per_ms).max(MIN_CHUNK_LIMIT);
+        let limit = (burst / 2).max(1).min(per_ms.max(MIN_CHUNK_LIMIT));
         usize::try_from(limit).unwrap_or(usize::MAX).clamp(1, max)
     }
 
@@ -321,6 +322,27 @@ mod tests {
             Duration::ZERO,
         );
         assert_eq!(link.chunk_limit(1 << 30), 62_500);
+        // The 1500-byte floor (for slow links) never lifts a chunk above half the burst.
+        link.set(
+            Shape {
+                burst: "2000".parse().unwrap(),
+                ..shape("1g")
+            },
+            Duration::ZERO,
+        );
+        assert_eq!(link.chunk_limit(1 << 30), 1000);
+        // At 1 Mb/s (125 bytes a ms) with a 4 ms burst (500 bytes): half the burst...
+        link.set(shape("1mbit"), Duration::ZERO);
+        assert_eq!(link.chunk_limit(1 << 30), 250);
+        // ...and with a 64 kB burst the floor.
+        link.set(
+            Shape {
+                burst: "64KB".parse().unwrap(),
+                ..shape("1mbit")
+            },
+            Duration::ZERO,
+        );
+        assert_eq!(link.chunk_limit(1 << 30), 1500);
     }
 
     #[tokio::test]
