@@ -30,8 +30,8 @@
 //!    half the burst), book the route's bucket for that direction ([`link::Link::acquire`]),
 //!    wait until the booking's release time, book the release on the wire as it really was
 //!    (a late release spends the burst credit instead of pulling the next chunks along),
-//!    write the chunk (through the delay line if a delay is set), repeat. EOF is passed on as a half-close; an error resets both
-//!    sides.
+//!    write the chunk (through the delay line if a delay is set), repeat. EOF is passed on
+//!    as a half-close; an error resets both sides.
 //! 4. After each write the chunk goes to the connection's taps ([`proxy::pump::Tap`]):
 //!    the forward tap feeds the sans-IO [`qemu::StreamParser`] and books the bytes per phase
 //!    into the connection's [`migration::Migration`] (the first connection of a route opens

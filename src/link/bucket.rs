@@ -4,8 +4,9 @@
 //! leave. No clock, no tokio, no sleeping here, so every property is tested on fake time.
 //!
 //! # Model
-//! The bucket is a virtual wire. `free_at` is when the wire finishes serialising everything
-//! reserved so far. A reservation of `n` payload bytes starts at `max(free_at, now - burst)`
+//! The bucket is a virtual wire. `free_at` (the `booked` wire's end) is when the wire
+//! finishes serialising everything reserved so far. A reservation of `n` payload bytes
+//! starts at `max(free_at, now - burst)`
 //! (an idle wire accrues at most `burst` of credit) and ends `cost(n)` later; the caller may
 //! release its bytes at that end time (store-and-forward of one chunk, as a real link
 //! delivers a frame's last bit after its serialisation time). Reservations are granted in
@@ -76,7 +77,7 @@ struct Cost {
 pub struct TokenBucket {
     shape: Shape,
     cost: Option<Cost>,
-    /// When the virtual wire finishes everything reserved so far (`free_at` above).
+    /// When the virtual wire finishes everything reserved so far (`free_at` in the model).
     booked: Wire,
     /// When the wire finished the chunks actually released so far, by their release
     /// instants rather than their bookings (see [`TokenBucket::release`]).
