@@ -12,6 +12,9 @@
 //! Run: `cargo bench --bench link` (options: `-- --secs 3 --rounds 3 --burst 1ms`).
 //! Prints a Markdown table; figures are means over rounds.
 
+#[path = "../tests/common/fixtures.rs"]
+mod fixtures;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -239,15 +242,7 @@ fn start_migshaper(args: &Args, sinks: &[Arc<TcpListener>]) -> (Child, Vec<Socke
 
 /// The main channel of a real pre-copy migration (QEMU 7.2, 191 MB).
 fn load_capture() -> Vec<u8> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/precopy-s64-256m/c0.s2d.bin.zst");
-    let f = std::fs::File::open(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (the QEMU captures live in shared/fixtures)",
-            path.display()
-        )
-    });
-    zstd::stream::decode_all(f).expect("decompress the capture")
+    fixtures::load_capture(&fixtures::fixtures_dir().join("precopy-s64-256m/c0.s2d.bin.zst"))
 }
 
 /// Replays the capture over and over, one migration per connection, for `secs`; the sink

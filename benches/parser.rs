@@ -1,6 +1,6 @@
 //! Throughput of the sans-IO QEMU stream parser on the real captures.
 //!
-//! Every capture of `shared/fixtures/*/` (main channels `c0.s2d`, multifd channels `c<N>.s2d`,
+//! Every capture of `fixtures/*/` (main channels `c0.s2d`, multifd channels `c<N>.s2d`,
 //! the return path `c0.d2s`) is decompressed once into memory, then each iteration feeds it
 //! through a fresh parser in 64 KiB chunks (the size of a proxy read), draining the events
 //! after every chunk as a proxy does, and calls `finish`. Multifd channels get the page size
@@ -13,7 +13,7 @@
 //! Target: at least 10 GB/s per capture (criterion prints GiB/s; 10 GB/s = 9.31 GiB/s).
 //!
 //! Run: `cargo bench --bench parser` (filter: `cargo bench --bench parser -- multifd`).
-//! Fixtures: `../shared/fixtures` next to the repository, or `$MIGSHAPER_FIXTURES`.
+//! Fixtures: the repository's `fixtures/`, or `$MIGSHAPER_FIXTURES`.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -26,16 +26,15 @@ use migshaper::qemu::{ChannelKind, Outcome, ReturnPathParser, Stats, StreamParse
 /// Bytes per `feed` call.
 const CHUNK: usize = 64 * 1024;
 
+#[path = "../tests/common/fixtures.rs"]
+mod fixtures;
+use fixtures::load_capture as load;
+
 fn fixtures_dir() -> PathBuf {
     match std::env::var_os("MIGSHAPER_FIXTURES") {
         Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
+        None => fixtures::fixtures_dir(),
     }
-}
-
-fn load(path: &Path) -> Vec<u8> {
-    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    zstd::stream::decode_all(f).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// One capture to benchmark.

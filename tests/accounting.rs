@@ -15,9 +15,7 @@ fn fixture(name: &str) -> PathBuf {
     fixtures_dir().join(name)
 }
 
-fn load(path: &Path) -> Vec<u8> {
-    zstd::stream::decode_all(std::fs::File::open(path).unwrap()).unwrap()
-}
+use common::fixtures::{fixtures_dir, load_capture as load};
 
 fn temp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("migshaper-acct-{}-{name}", std::process::id()));

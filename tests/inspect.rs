@@ -1,4 +1,4 @@
-//! `migshaper inspect` against the real QEMU 7.2 captures (`shared/fixtures/*/`): its RAM
+//! `migshaper inspect` against the real QEMU 7.2 captures (`fixtures/*/`): its RAM
 //! counters must equal the source's final `query-migrate` (`result.json`) and its phases must
 //! sum to the main channel's bytes. The binary itself is run for the JSON shape, a missing
 //! file (exit 2) and bad input (empty, garbage, TLS, truncated, garbled: exit 0 with a clear
@@ -11,9 +11,10 @@ use std::process::{Command, Output};
 
 use migshaper::inspect::{InspectOutcome, Report, inspect};
 
-use common::{fixture_dirs, fixtures_dir};
+use common::fixtures::{fixture_dirs, fixtures_dir, plain_capture};
 
-/// The main capture, the return path if captured, and the multifd captures in order.
+/// The main capture, the return path if captured, and the multifd captures in order, as files
+/// `inspect` reads (patched captures decompressed once, see tests/common/fixtures.rs).
 fn fixture_files(dir: &Path) -> (PathBuf, Option<PathBuf>, Vec<PathBuf>) {
     let main = dir.join("c0.s2d.bin.zst");
     assert!(main.is_file(), "{} is missing", main.display());
@@ -21,8 +22,9 @@ fn fixture_files(dir: &Path) -> (PathBuf, Option<PathBuf>, Vec<PathBuf>) {
     let multifd = (1..)
         .map(|n| dir.join(format!("c{n}.s2d.bin.zst")))
         .take_while(|p| p.is_file())
+        .map(|p| plain_capture(&p))
         .collect();
-    (main, rp, multifd)
+    (plain_capture(&main), rp.map(|p| plain_capture(&p)), multifd)
 }
 
 fn read_json(path: &Path) -> serde_json::Value {
@@ -249,7 +251,7 @@ fn missing_or_unreadable_file_exits_2_naming_it() {
     assert!(out.stdout.is_empty());
 
     // A missing return path or multifd file fails the same way, before any parsing.
-    let main = fixtures_dir().join("precopy-idle-256m/c0.s2d.bin.zst");
+    let main = plain_capture(&fixtures_dir().join("precopy-idle-256m/c0.s2d.bin.zst"));
     for flag in ["--return-path", "--multifd"] {
         let missing = dir.join("absent-aux.bin");
         let out = run(&[main.as_os_str(), flag.as_ref(), missing.as_os_str()]);
@@ -276,17 +278,15 @@ fn missing_or_unreadable_file_exits_2_naming_it() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The first `n` decompressed bytes of a fixture capture.
+/// The first `n` bytes of a capture (a fixture's `.zst`, or a plain file).
 fn prefix(path: &Path, n: u64) -> Vec<u8> {
-    use std::io::Read;
-    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut out = Vec::new();
-    zstd::stream::read::Decoder::new(f)
-        .expect("zstd decoder")
-        .take(n)
-        .read_to_end(&mut out)
-        .expect("decompress");
-    out
+    let mut data = if path.extension().is_some_and(|e| e == "zst") {
+        common::fixtures::load_capture(path)
+    } else {
+        std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    data.truncate(usize::try_from(n).unwrap_or(usize::MAX));
+    data
 }
 
 #[test]

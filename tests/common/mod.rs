@@ -9,6 +9,8 @@ use migshaper::config::{Config, RouteConfig};
 use migshaper::link::Shape;
 use tokio::sync::oneshot;
 
+pub mod fixtures;
+
 /// A running in-process server.
 pub struct Running {
     pub routes: Vec<RouteHandle>,
@@ -165,29 +167,4 @@ pub async fn check_seeded(
         return Ok(Err(format!("got {got} bytes, expected {len}")));
     }
     Ok(Ok(()))
-}
-
-/// The QEMU captures beside the repository (`shared/fixtures`), with a clear failure when
-/// they are missing.
-pub fn fixtures_dir() -> std::path::PathBuf {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-    assert!(
-        dir.is_dir(),
-        "fixture directory {} is missing: the QEMU captures live in shared/fixtures next to \
-         the repository",
-        dir.display()
-    );
-    dir
-}
-
-/// Every fixture directory that has QEMU's `result.json`, sorted.
-pub fn fixture_dirs() -> Vec<std::path::PathBuf> {
-    let mut dirs: Vec<std::path::PathBuf> = std::fs::read_dir(fixtures_dir())
-        .expect("read fixture dir")
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.join("result.json").is_file())
-        .collect();
-    dirs.sort();
-    assert!(!dirs.is_empty(), "no fixture with a result.json found");
-    dirs
 }
