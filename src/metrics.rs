@@ -411,9 +411,9 @@ impl RouteMetrics {
         self.inner.page_requests.increment(1);
     }
 
-    /// A migration ended with `outcome` after `duration`,
-    /// having spent `phases[i]` in phase [`Phase::MIGRATION`]`[i]`. `current`: it was the route's active
-    /// migration, so the phase gauge goes back to 0.
+    /// A migration ended with `outcome` after `duration`, having spent `phases[i]` in
+    /// phase [`Phase::MIGRATION`]`[i]`. `current`: it was the route's active migration,
+    /// so the phase gauge goes back to 0.
     pub fn migration_ended(
         &self,
         outcome: MigrationOutcome,

@@ -1,9 +1,10 @@
 //! One direction of one proxied connection: read a chunk, wait for the link, write it.
 //!
 //! Each direction runs as its own task, so a saturated migration stream can never starve
-//! the return path behind it (tokio's `copy_bidirectional` did, for seconds). Bytes are
-//! forwarded unchanged and in order; an EOF is passed on as a half-close and the other
-//! direction keeps flowing; an error on either socket cancels the whole connection.
+//! the return path behind it (one task for both, as in tokio's `copy_bidirectional`, held
+//! it back for seconds). Bytes are forwarded unchanged and in order; an EOF is passed on
+//! as a half-close and the other direction keeps flowing; an error on either socket
+//! cancels the whole connection.
 
 use std::io;
 use std::sync::Arc;
