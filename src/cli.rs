@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    Config, ConfigError, ControlConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONTROL,
+    CONTROL_URL_ENV, Config, ConfigError, ControlConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONTROL,
     DEFAULT_CONTROL_URL, DEFAULT_DRAIN_TIMEOUT, RouteConfig, TOKEN_ENV,
 };
 use crate::link::Shape;
@@ -59,7 +59,7 @@ pub struct ClientArgs {
     /// The server's control API.
     #[arg(
         long,
-        env = "MIGSHAPER_CONTROL",
+        env = CONTROL_URL_ENV,
         default_value = DEFAULT_CONTROL_URL
     )]
     pub control: String,

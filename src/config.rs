@@ -27,6 +27,8 @@ pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
 pub const DEFAULT_CONTROL: &str = "127.0.0.1:9464";
 /// Environment variable holding the control token (server and CLI).
 pub const TOKEN_ENV: &str = "MIGSHAPER_CONTROL_TOKEN";
+/// Environment variable holding the control API URL the client subcommands use.
+pub const CONTROL_URL_ENV: &str = "MIGSHAPER_CONTROL";
 /// The default control API URL the client subcommands use (`--control`).
 pub const DEFAULT_CONTROL_URL: &str = "http://127.0.0.1:9464";
 

@@ -139,7 +139,7 @@ pub async fn replay_through(replay: &Replay, rate: &str) -> Result<Record, DemoE
             zero_copy: true,
             max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
         }],
-        connect_timeout: Duration::from_secs(5),
+        connect_timeout: crate::config::DEFAULT_CONNECT_TIMEOUT,
         keepalive: crate::config::DEFAULT_KEEPALIVE,
         drain_timeout: Duration::from_secs(5),
         source: None,
