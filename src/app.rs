@@ -11,14 +11,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{Config, RouteConfig, parse_listen};
 use std::sync::Arc;
 
+use crate::config::{Config, RouteConfig, parse_listen};
 use crate::control::{Control, ControlError};
 use crate::link::{Link, LinkUpdate};
 use crate::metrics::Metrics;
 use crate::migration::{RecordSink, RouteAccounting};
 use crate::proxy::{self, Route, RouteOptions};
+pub use crate::route::RouteHandle;
 use crate::spec::{LinkRate, format_bits};
 
 /// A start-up failure: which route, which address, why.
@@ -73,25 +74,12 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Server {
     routes: Vec<Route>,
+    /// One handle per route, in route order: shared by the control API and the reload.
+    handles: Vec<RouteHandle>,
     drain_timeout: Duration,
     metrics: Arc<Metrics>,
     control: Option<Control>,
     source: Option<std::path::PathBuf>,
-}
-
-/// A handle to a route's live state, for reporting and for changing its link.
-#[derive(Debug, Clone)]
-pub struct RouteHandle {
-    /// Route name.
-    pub name: String,
-    /// Bound listen address.
-    pub local_addr: SocketAddr,
-    /// Upstream as configured.
-    pub upstream: String,
-    /// The route's link.
-    pub link: Link,
-    /// The route's migrations.
-    pub accounting: Arc<RouteAccounting>,
 }
 
 impl Server {
@@ -139,8 +127,21 @@ impl Server {
                 &metrics,
             )?);
         }
+        let handles = routes
+            .iter()
+            .map(|r| {
+                RouteHandle::new(
+                    r.name.clone(),
+                    r.local_addr().expect("a bound listener has an address"),
+                    r.upstream.clone(),
+                    r.link.clone(),
+                    r.accounting.clone(),
+                )
+            })
+            .collect();
         let mut server = Server {
             routes,
+            handles,
             drain_timeout: config.drain_timeout,
             metrics,
             control: None,
@@ -164,16 +165,7 @@ impl Server {
 
     /// The routes, with their bound addresses.
     pub fn routes(&self) -> Vec<RouteHandle> {
-        self.routes
-            .iter()
-            .map(|r| RouteHandle {
-                name: r.name.clone(),
-                local_addr: r.local_addr().expect("a bound listener has an address"),
-                upstream: r.upstream.clone(),
-                link: r.link.clone(),
-                accounting: r.accounting.clone(),
-            })
-            .collect()
+        self.handles.clone()
     }
 
     /// Runs until `shutdown` resolves, then stops accepting, lets open connections drain
@@ -346,7 +338,7 @@ pub fn apply_reload(config: &Config, routes: &[RouteHandle]) {
                 framing: Some(new.shape.framing),
                 delay: Some(new.delay),
             };
-            r.accounting.change_link(&update, "SIGHUP");
+            r.change_link(&update, "SIGHUP");
         }
     }
     for r in routes {

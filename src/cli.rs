@@ -7,7 +7,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    Config, ConfigError, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, RouteConfig,
+    CONTROL_URL_ENV, Config, ConfigError, ControlConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONTROL,
+    DEFAULT_CONTROL_URL, DEFAULT_DRAIN_TIMEOUT, RouteConfig, TOKEN_ENV,
 };
 use crate::link::Shape;
 use crate::spec::{Burst, Framing, HumanDuration, LinkRate};
@@ -58,12 +59,12 @@ pub struct ClientArgs {
     /// The server's control API.
     #[arg(
         long,
-        env = "MIGSHAPER_CONTROL",
-        default_value = "http://127.0.0.1:9464"
+        env = CONTROL_URL_ENV,
+        default_value = DEFAULT_CONTROL_URL
     )]
     pub control: String,
     /// Bearer token for changes (when the server was started with one).
-    #[arg(long, env = crate::control::TOKEN_ENV, hide_env_values = true)]
+    #[arg(long, env = TOKEN_ENV, hide_env_values = true)]
     pub control_token: Option<String>,
 }
 
@@ -240,17 +241,17 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = crate::config::DEFAULT_MAX_CONNECTIONS, conflicts_with = "config")]
     pub max_connections: usize,
     /// Control API (HTTP/JSON: metrics, routes, live link changes) address, or `off`.
-    #[arg(long, value_name = "ADDR|off", default_value = crate::control::DEFAULT_CONTROL)]
+    #[arg(long, value_name = "ADDR|off", default_value = DEFAULT_CONTROL)]
     pub control: String,
     /// Token required for changes through the control API (needed when --control is not
     /// a loopback address).
-    #[arg(long, env = crate::control::TOKEN_ENV, hide_env_values = true)]
+    #[arg(long, env = TOKEN_ENV, hide_env_values = true)]
     pub control_token: Option<String>,
 }
 
 impl ServeArgs {
-    fn control_config(&self) -> Option<crate::control::ControlConfig> {
-        (!self.control.eq_ignore_ascii_case("off")).then(|| crate::control::ControlConfig {
+    fn control_config(&self) -> Option<ControlConfig> {
+        (!self.control.eq_ignore_ascii_case("off")).then(|| ControlConfig {
             addr: self.control.clone(),
             token: self.control_token.clone(),
         })

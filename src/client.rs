@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::cli::{ClientArgs, LinkSetArgs, ScheduleArgs, StatusArgs};
+use crate::config::CONTROL_URL_ENV;
 use crate::spec::{HumanDuration, LinkRate, format_bits};
 
 /// A failed client command: the message to print (exit code 1).
@@ -46,7 +47,7 @@ impl Client {
 
     fn fail(&self, path: &str, e: impl std::fmt::Display) -> ClientError {
         ClientError(format!(
-            "cannot reach the control API at {}{path}: {e} (is `migshaper serve` running with --control there? set --control or MIGSHAPER_CONTROL)",
+            "cannot reach the control API at {}{path}: {e} (is `migshaper serve` running with --control there? set --control or {CONTROL_URL_ENV})",
             self.base
         ))
     }

@@ -23,6 +23,34 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// the kernel's own default (2 h 11 min) would leave the other side hanging.
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
 
+/// The default control API address (`serve --control`).
+pub const DEFAULT_CONTROL: &str = "127.0.0.1:9464";
+/// Environment variable holding the control token (server and CLI).
+pub const TOKEN_ENV: &str = "MIGSHAPER_CONTROL_TOKEN";
+/// Environment variable holding the control API URL the client subcommands use.
+pub const CONTROL_URL_ENV: &str = "MIGSHAPER_CONTROL";
+/// The default control API URL the client subcommands use (`--control`).
+pub const DEFAULT_CONTROL_URL: &str = "http://127.0.0.1:9464";
+
+/// Where the control API listens and the token writes need.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ControlConfig {
+    /// `IP:PORT` to listen on.
+    pub addr: String,
+    /// Bearer token required for writes, if any.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ControlConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("ControlConfig")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
 /// A configuration problem, found before anything listens.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -112,7 +140,7 @@ pub struct Config {
     /// Where each connection's bytes are written (`serve --capture`), if anywhere.
     pub capture: Option<PathBuf>,
     /// The control API, if enabled.
-    pub control: Option<crate::control::ControlConfig>,
+    pub control: Option<ControlConfig>,
 }
 
 // === TOML schema ===

@@ -29,16 +29,13 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::app::RouteHandle;
+use crate::config::{ControlConfig, TOKEN_ENV, parse_listen};
 use crate::link::LinkUpdate;
 use crate::metrics::Metrics;
 use crate::migration::{ActiveView, Record};
+use crate::route::RouteHandle;
 use crate::spec::{Burst, Framing, HumanDuration, LinkRate};
 
-/// The default control address.
-pub const DEFAULT_CONTROL: &str = "127.0.0.1:9464";
-/// Environment variable holding the control token (server and CLI).
-pub const TOKEN_ENV: &str = "MIGSHAPER_CONTROL_TOKEN";
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 16 * 1024;
 /// Time a client has to send a request head.
@@ -57,25 +54,6 @@ async fn request_timeout(req: axum::extract::Request, next: axum::middleware::Ne
             format!("request not completed within {REQUEST_TIMEOUT:?}"),
         )
         .into_response(),
-    }
-}
-
-/// Where the control API listens and the token writes need.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct ControlConfig {
-    /// `IP:PORT` to listen on.
-    pub addr: String,
-    /// Bearer token required for writes, if any.
-    pub token: Option<String>,
-}
-
-impl std::fmt::Debug for ControlConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never print the token.
-        f.debug_struct("ControlConfig")
-            .field("addr", &self.addr)
-            .field("token", &self.token.as_ref().map(|_| "<set>"))
-            .finish()
     }
 }
 
@@ -132,11 +110,10 @@ impl Control {
         routes: Vec<RouteHandle>,
         metrics: Arc<Metrics>,
     ) -> Result<Control, ControlError> {
-        let addr =
-            crate::config::parse_listen(&config.addr).map_err(|reason| ControlError::Address {
-                addr: config.addr.clone(),
-                reason,
-            })?;
+        let addr = parse_listen(&config.addr).map_err(|reason| ControlError::Address {
+            addr: config.addr.clone(),
+            reason,
+        })?;
         let token = config.token.clone().filter(|t| !t.is_empty());
         if !addr.ip().is_loopback() && token.is_none() {
             return Err(ControlError::NoToken { addr });
@@ -396,7 +373,7 @@ async fn set_link(
     let r = s.find(&name)?;
     let body = body.map_err(rejected)?;
     let update = parse_link_update(&body)?;
-    let (shape, delay) = r.accounting.change_link(&update, "control API");
+    let (shape, delay) = r.change_link(&update, "control API");
     // The answer shows this request's link, even if another change follows at once.
     let mut view = route_view(r);
     view.link = link_view_of(shape, delay);

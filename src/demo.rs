@@ -19,6 +19,7 @@ use crate::app::Server;
 use crate::config::{Config, RouteConfig};
 use crate::link::Shape;
 use crate::migration::Record;
+use crate::qemu::Phase;
 use crate::spec::{Burst, Framing, format_bits};
 
 /// The capture bundled with the binary: a real QEMU 7.2 hybrid post-copy migration
@@ -138,7 +139,7 @@ pub async fn replay_through(replay: &Replay, rate: &str) -> Result<Record, DemoE
             zero_copy: true,
             max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
         }],
-        connect_timeout: Duration::from_secs(5),
+        connect_timeout: crate::config::DEFAULT_CONNECT_TIMEOUT,
         keepalive: crate::config::DEFAULT_KEEPALIVE,
         drain_timeout: Duration::from_secs(5),
         source: None,
@@ -213,7 +214,7 @@ pub fn render(replay: &Replay, runs: &[(String, Record)]) -> String {
         let _ = write!(out, " | {:>12} {:>10} {:>13}", "MB", "seconds", "Mb/s");
     }
     let _ = writeln!(out);
-    for phase in ["setup", "precopy", "downtime", "postcopy"] {
+    for phase in Phase::MIGRATION.map(Phase::as_str) {
         let _ = write!(out, "{phase:<10}");
         for (_, r) in runs {
             let b = r.bytes.to_destination.get(phase).copied().unwrap_or(0);

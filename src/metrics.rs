@@ -25,52 +25,100 @@ pub const DURATION_BUCKETS: [f64; 15] = [
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 3600.0,
 ];
 
-/// The `phase` label values of `migshaper_bytes_total`: the four migration phases, and
-/// `unparsed` for routes that do not parse the stream (`--no-parse`).
-pub const BYTE_PHASES: [&str; 5] = ["setup", "precopy", "downtime", "postcopy", "unparsed"];
-/// Index of `unparsed` in [`BYTE_PHASES`].
-pub const UNPARSED: usize = 4;
-/// The migration phases, as the `phase` label of the migration metrics.
-pub const PHASES: [&str; 4] = ["setup", "precopy", "downtime", "postcopy"];
-/// The `channel` label values: what the first bytes of a connection said it is.
-pub const CHANNELS: [&str; 6] = ["main", "multifd", "preempt", "recovery", "tls", "unknown"];
-const UNKNOWN_CHANNEL: usize = 5;
-/// How a connection ended (`outcome` of `migshaper_connections_total`).
-pub const CONN_OUTCOMES: [&str; 5] = [
-    "closed",
-    "reset",
-    "interrupted",
-    "upstream_error",
-    "refused",
-];
-/// How a migration ended (`outcome` of the migration metrics and records).
-pub const MIGRATION_OUTCOMES: [&str; 4] = ["completed", "failed", "unknown", "interrupted"];
+/// The `phase` label of `migshaper_bytes_total` for routes that do not parse the stream
+/// (`--no-parse`); parsed bytes carry their [`Phase::MIGRATION`] label.
+pub const UNPARSED: &str = "unparsed";
+/// Place of [`UNPARSED`] after the migration phases in the byte counters.
+const UNPARSED_SLOT: usize = Phase::MIGRATION.len();
+/// How a connection ended: the `outcome` label of `migshaper_connections_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnOutcome {
+    /// Both directions ended with EOF.
+    Closed,
+    /// A socket error (reset, broken pipe) on either side.
+    Reset,
+    /// Closed by migshaper at the end of the drain timeout.
+    Interrupted,
+    /// The upstream connect failed or timed out.
+    UpstreamError,
+    /// Refused because the route was at `max_connections`.
+    Refused,
+}
 
-/// Index of a phase in [`PHASES`] (the return path counts as post-copy).
-pub fn phase_index(p: Phase) -> usize {
-    match p {
-        Phase::Setup => 0,
-        Phase::Precopy => 1,
-        Phase::Downtime => 2,
-        Phase::Postcopy | Phase::ReturnPath => 3,
+impl ConnOutcome {
+    /// Every outcome, in index order.
+    pub const ALL: [ConnOutcome; 5] = [
+        ConnOutcome::Closed,
+        ConnOutcome::Reset,
+        ConnOutcome::Interrupted,
+        ConnOutcome::UpstreamError,
+        ConnOutcome::Refused,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnOutcome::Closed => "closed",
+            ConnOutcome::Reset => "reset",
+            ConnOutcome::Interrupted => "interrupted",
+            ConnOutcome::UpstreamError => "upstream_error",
+            ConnOutcome::Refused => "refused",
+        }
+    }
+
+    /// The outcome's place in [`ConnOutcome::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            ConnOutcome::Closed => 0,
+            ConnOutcome::Reset => 1,
+            ConnOutcome::Interrupted => 2,
+            ConnOutcome::UpstreamError => 3,
+            ConnOutcome::Refused => 4,
+        }
     }
 }
 
-fn channel_index(kind: ChannelKind) -> usize {
-    match kind {
-        ChannelKind::Main => 0,
-        ChannelKind::Multifd => 1,
-        ChannelKind::Preempt => 2,
-        ChannelKind::Recovery => 3,
-        ChannelKind::Tls => 4,
-        ChannelKind::Unknown => UNKNOWN_CHANNEL,
-    }
+/// How a migration ended: the `outcome` label of the migration metrics and the `outcome`
+/// of its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationOutcome {
+    /// The stream ended with QEMU's end-of-stream marker and no failure.
+    Completed,
+    /// A reset, an upstream error, a return-path SHUT with an error, a truncated stream.
+    Failed,
+    /// The stream was not parsed (TLS, an unknown channel).
+    Unknown,
+    /// Cut by migshaper at the end of the drain timeout.
+    Interrupted,
 }
 
-fn dir_index(d: Direction) -> usize {
-    match d {
-        Direction::ToDestination => 0,
-        Direction::ToSource => 1,
+impl MigrationOutcome {
+    /// Every outcome, in index order.
+    pub const ALL: [MigrationOutcome; 4] = [
+        MigrationOutcome::Completed,
+        MigrationOutcome::Failed,
+        MigrationOutcome::Unknown,
+        MigrationOutcome::Interrupted,
+    ];
+
+    /// The label value and the record's `outcome`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationOutcome::Completed => "completed",
+            MigrationOutcome::Failed => "failed",
+            MigrationOutcome::Unknown => "unknown",
+            MigrationOutcome::Interrupted => "interrupted",
+        }
+    }
+
+    /// The outcome's place in [`MigrationOutcome::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            MigrationOutcome::Completed => 0,
+            MigrationOutcome::Failed => 1,
+            MigrationOutcome::Unknown => 2,
+            MigrationOutcome::Interrupted => 3,
+        }
     }
 }
 
@@ -185,10 +233,14 @@ impl Metrics {
         let r = route.to_string();
         metrics::with_local_recorder(&self.recorder, || {
             use metrics::{counter, gauge, histogram};
-            let dirs = Direction::ALL.map(|d| d.as_str());
+            let dirs = Direction::ALL.map(Direction::as_str);
+            let phases = Phase::MIGRATION.map(Phase::as_str);
+            let channels = ChannelKind::ALL.map(ChannelKind::as_str);
+            let migration_outcomes = MigrationOutcome::ALL.map(MigrationOutcome::as_str);
             let inner = RouteInner {
                 bytes: dirs.map(|d| {
-                    BYTE_PHASES.map(|p| {
+                    std::array::from_fn(|i| {
+                        let p = phases.get(i).copied().unwrap_or(UNPARSED);
                         counter!("migshaper_bytes_total", "route" => r.clone(), "direction" => d, "phase" => p)
                     })
                 }),
@@ -204,24 +256,24 @@ impl Metrics {
                 wait: dirs.map(|d| {
                     gauge!("migshaper_shaping_wait_seconds_total", "route" => r.clone(), "direction" => d)
                 }),
-                conns_active: CHANNELS
+                conns_active: channels
                     .map(|c| gauge!("migshaper_connections_active", "route" => r.clone(), "channel" => c)),
-                conns_total: CHANNELS.map(|c| {
-                    CONN_OUTCOMES.map(|o| {
+                conns_total: channels.map(|c| {
+                    ConnOutcome::ALL.map(ConnOutcome::as_str).map(|o| {
                         counter!("migshaper_connections_total", "route" => r.clone(), "channel" => c, "outcome" => o)
                     })
                 }),
                 upstream_errors: counter!("migshaper_upstream_connect_errors_total", "route" => r.clone()),
                 migrations_active: gauge!("migshaper_migrations_active", "route" => r.clone()),
-                migrations_total: MIGRATION_OUTCOMES
+                migrations_total: migration_outcomes
                     .map(|o| counter!("migshaper_migrations_total", "route" => r.clone(), "outcome" => o)),
-                duration: MIGRATION_OUTCOMES.map(|o| {
+                duration: migration_outcomes.map(|o| {
                     histogram!("migshaper_migration_duration_seconds", "route" => r.clone(), "outcome" => o)
                 }),
-                phase_duration: PHASES.map(|p| {
+                phase_duration: phases.map(|p| {
                     histogram!("migshaper_migration_phase_duration_seconds", "route" => r.clone(), "phase" => p)
                 }),
-                phase: PHASES
+                phase: phases
                     .map(|p| gauge!("migshaper_migration_phase", "route" => r.clone(), "phase" => p)),
                 passes: counter!("migshaper_precopy_passes_total", "route" => r.clone()),
                 page_requests: counter!("migshaper_postcopy_page_requests_total", "route" => r.clone()),
@@ -283,16 +335,16 @@ impl RouteMetrics {
         Metrics::new().route(route)
     }
 
-    /// Counts `n` bytes of `dir` in byte-phase `phase` (an index into [`BYTE_PHASES`]).
-    pub fn bytes(&self, dir: Direction, phase: usize, n: u64) {
+    /// Counts `n` bytes of `dir` in `phase` (the return path's as post-copy).
+    pub fn bytes(&self, dir: Direction, phase: Phase, n: u64) {
         if n > 0 {
-            self.inner.bytes[dir_index(dir)][phase.min(UNPARSED)].increment(n);
+            self.inner.bytes[dir.index()][phase.migration_phase().index()].increment(n);
         }
     }
 
     /// The counter of `dir` for a route that does not parse.
     pub fn unparsed_bytes(&self, dir: Direction) -> Counter {
-        self.inner.bytes[dir_index(dir)][UNPARSED].clone()
+        self.inner.bytes[dir.index()][UNPARSED_SLOT].clone()
     }
 
     /// Sets the link gauges to `shape` and `delay`.
@@ -302,9 +354,9 @@ impl RouteMetrics {
             .framing
             .payload_rate(shape.rate)
             .map_or(0.0, |b| b / 8.0);
-        for d in 0..2 {
-            self.inner.rate[d].set(line);
-            self.inner.payload_rate[d].set(payload);
+        for d in Direction::ALL {
+            self.inner.rate[d.index()].set(line);
+            self.inner.payload_rate[d.index()].set(payload);
         }
         self.inner
             .burst
@@ -319,30 +371,33 @@ impl RouteMetrics {
 
     /// The shaping-wait accumulator of `dir`.
     pub fn wait(&self, dir: Direction) -> Gauge {
-        self.inner.wait[dir_index(dir)].clone()
+        self.inner.wait[dir.index()].clone()
     }
 
     /// Counts a failed upstream connect (and the connection it ended).
     pub fn upstream_error(&self) {
         self.inner.upstream_errors.increment(1);
-        self.inner.conns_total[UNKNOWN_CHANNEL][3].increment(1);
+        self.inner.conns_total[ChannelKind::Unknown.index()][ConnOutcome::UpstreamError.index()]
+            .increment(1);
     }
 
     /// Counts a connection refused because the route is at `max_connections`.
     pub fn refused(&self) {
-        self.inner.conns_total[UNKNOWN_CHANNEL][4].increment(1);
+        self.inner.conns_total[ChannelKind::Unknown.index()][ConnOutcome::Refused.index()]
+            .increment(1);
     }
 
     /// A migration started: it is active and in setup.
     pub fn migration_started(&self) {
         self.inner.migrations_active.increment(1.0);
-        self.set_phase(Some(0));
+        self.set_phase(Some(Phase::Setup));
     }
 
-    /// The active migration entered `phase` (index into [`PHASES`]).
-    pub fn set_phase(&self, phase: Option<usize>) {
+    /// The active migration entered `phase` (`None`: no migration is active).
+    pub fn set_phase(&self, phase: Option<Phase>) {
+        let active = phase.map(|p| p.migration_phase().index());
         for (i, g) in self.inner.phase.iter().enumerate() {
-            g.set(if Some(i) == phase { 1.0 } else { 0.0 });
+            g.set(if Some(i) == active { 1.0 } else { 0.0 });
         }
     }
 
@@ -356,20 +411,17 @@ impl RouteMetrics {
         self.inner.page_requests.increment(1);
     }
 
-    /// A migration ended with `outcome` (one of [`MIGRATION_OUTCOMES`]) after `duration`,
-    /// having spent `phases[i]` in phase `i`. `current`: it was the route's active
-    /// migration, so the phase gauge goes back to 0.
+    /// A migration ended with `outcome` after `duration`, having spent `phases[i]` in
+    /// phase [`Phase::MIGRATION`]`[i]`. `current`: it was the route's active migration,
+    /// so the phase gauge goes back to 0.
     pub fn migration_ended(
         &self,
-        outcome: &str,
+        outcome: MigrationOutcome,
         duration: Duration,
         phases: &[Duration; 4],
         current: bool,
     ) {
-        let i = MIGRATION_OUTCOMES
-            .iter()
-            .position(|o| *o == outcome)
-            .unwrap_or(1);
+        let i = outcome.index();
         self.inner.migrations_active.decrement(1.0);
         self.inner.migrations_total[i].increment(1);
         self.inner.duration[i].record(duration.as_secs_f64());
@@ -392,30 +444,20 @@ pub struct ConnMeter {
     channel: AtomicUsize,
 }
 
-/// How a connection ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnOutcome {
-    /// Both directions ended with EOF.
-    Closed,
-    /// A socket error (reset, broken pipe) on either side.
-    Reset,
-    /// Closed by migshaper at the end of the drain timeout.
-    Interrupted,
-}
-
 impl ConnMeter {
     /// A connection opened.
     pub fn open(metrics: &RouteMetrics) -> Arc<ConnMeter> {
-        metrics.inner.conns_active[UNKNOWN_CHANNEL].increment(1.0);
+        let unknown = ChannelKind::Unknown.index();
+        metrics.inner.conns_active[unknown].increment(1.0);
         Arc::new(ConnMeter {
             metrics: metrics.clone(),
-            channel: AtomicUsize::new(UNKNOWN_CHANNEL),
+            channel: AtomicUsize::new(unknown),
         })
     }
 
     /// The connection's channel kind became known.
     pub fn set_channel(&self, kind: ChannelKind) {
-        let new = channel_index(kind);
+        let new = kind.index();
         let old = self.channel.swap(new, Ordering::Relaxed);
         if old != new {
             self.metrics.inner.conns_active[old].decrement(1.0);
@@ -427,7 +469,7 @@ impl ConnMeter {
     pub fn close(&self, outcome: ConnOutcome) {
         let c = self.channel.load(Ordering::Relaxed);
         self.metrics.inner.conns_active[c].decrement(1.0);
-        self.metrics.inner.conns_total[c][outcome as usize].increment(1);
+        self.metrics.inner.conns_total[c][outcome.index()].increment(1);
     }
 }
 
@@ -455,8 +497,8 @@ mod tests {
             Some(0.0),
             "{text}"
         );
-        r.bytes(Direction::ToDestination, 1, 1000);
-        r.bytes(Direction::ToSource, 3, 64);
+        r.bytes(Direction::ToDestination, Phase::Precopy, 1000);
+        r.bytes(Direction::ToSource, Phase::Postcopy, 64);
         let shape = Shape {
             rate: "1g".parse().unwrap(),
             burst: "2ms".parse().unwrap(),
@@ -492,7 +534,7 @@ mod tests {
         c.close(ConnOutcome::Reset);
         r.migration_started();
         r.migration_ended(
-            "completed",
+            MigrationOutcome::Completed,
             Duration::from_secs(3),
             &[
                 Duration::from_millis(50),
@@ -535,7 +577,8 @@ mod tests {
     fn registries_are_separate() {
         let a = Metrics::new();
         let b = Metrics::new();
-        a.route("x").bytes(Direction::ToDestination, 0, 5);
+        a.route("x")
+            .bytes(Direction::ToDestination, Phase::Setup, 5);
         b.route("y");
         assert!(!b.render().contains("route=\"x\""));
         assert!(a.render().contains("route=\"x\""));

@@ -148,11 +148,11 @@ pub enum Burst {
 }
 
 impl Burst {
-    /// The default: 1 ms of line rate. Measured with `cargo bench --bench link` (README,
-    /// "Choosing the burst"): with the sub-millisecond pacer and the zero-copy path, 1 ms
+    /// The default: 1 ms of line rate. Measured with `cargo bench --bench link`
+    /// (`docs/benchmarks.md`): with the sub-millisecond pacer and the zero-copy path, 1 ms
     /// keeps the mean within 0.1 % at 1 and 10 Gb/s, also with a busy loop on the other of
     /// 2 cores, and every extra millisecond of burst is an extra 1 % peak in a 100 ms window
-    /// (10 Gb/s, 4 streams: 2 ms, the earlier default, peaked at 1.022; 1 ms at 1.016).
+    /// (10 Gb/s, 4 streams: 2 ms peaked at 1.022, 1 ms at 1.016).
     pub const DEFAULT: Burst = Burst::Time(Duration::from_millis(1));
 
     /// The burst in bytes at the given line rate (`None` when unlimited).

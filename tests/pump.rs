@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use migshaper::link::{Direction, Link, Shape};
-use migshaper::proxy::pump::{BufferBudget, RouteShare, Tap, pump};
+use migshaper::proxy::pump::{BufferBudget, RouteShare, pump};
+use migshaper::tap::Tap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;

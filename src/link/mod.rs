@@ -29,7 +29,7 @@ impl Direction {
     /// Both directions, in index order.
     pub const ALL: [Direction; 2] = [Direction::ToDestination, Direction::ToSource];
 
-    /// The label used in logs, metrics and records.
+    /// The label used in logs, metrics (`direction`) and records.
     pub fn as_str(self) -> &'static str {
         match self {
             Direction::ToDestination => "to_destination",
@@ -37,10 +37,20 @@ impl Direction {
         }
     }
 
-    fn index(self) -> usize {
+    /// The direction's place in [`Direction::ALL`], for per-direction arrays.
+    pub fn index(self) -> usize {
         match self {
             Direction::ToDestination => 0,
             Direction::ToSource => 1,
+        }
+    }
+
+    /// The endpoints bytes of this direction leave and reach: (`sending`, `receiving`),
+    /// each `source` or `destination`.
+    pub fn sides(self) -> (&'static str, &'static str) {
+        match self {
+            Direction::ToDestination => ("source", "destination"),
+            Direction::ToSource => ("destination", "source"),
         }
     }
 }

@@ -22,7 +22,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::link::{Direction, Link};
 use crate::metrics::{ConnMeter, ConnOutcome};
 use crate::migration::{ForwardTap, ReverseTap, RouteAccounting, connection_ended};
-use pump::{CaptureTap, PumpError, pump};
+use crate::tap::{CaptureTap, Tap};
+use pump::{PumpError, pump};
 
 /// Accepted connections queued for the connector before the accept loop waits.
 const CONNECT_QUEUE: usize = 1024;
@@ -388,7 +389,7 @@ pub(crate) fn set_keepalive(s: &TcpStream, after: Duration) {
 const SOURCE_MSS: u32 = 7168;
 
 /// How much line time the source may have in flight into our receive buffer on a shaped
-/// link. Measured (README, "Queueing"): 0.5 ms keeps the in-band reply latency at 1 Gb/s
+/// link. Measured (`docs/benchmarks.md`): 0.5 ms keeps the in-band reply latency at 1 Gb/s
 /// near a real link's while the mean rate stays within 0.1 %; 2 ms added 5 ms of latency.
 const RCVBUF_TIME: Duration = Duration::from_micros(500);
 
@@ -444,7 +445,7 @@ enum Tapped<T> {
     Unparsed(metrics::Counter),
 }
 
-impl<T: pump::Tap> pump::Tap for Tapped<T> {
+impl<T: Tap> Tap for Tapped<T> {
     fn on_chunk(&mut self, chunk: &[u8]) {
         match self {
             Tapped::Parsed(t) => t.on_chunk(chunk),

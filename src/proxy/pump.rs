@@ -1,9 +1,10 @@
 //! One direction of one proxied connection: read a chunk, wait for the link, write it.
 //!
 //! Each direction runs as its own task, so a saturated migration stream can never starve
-//! the return path behind it (tokio's `copy_bidirectional` did, for seconds). Bytes are
-//! forwarded unchanged and in order; an EOF is passed on as a half-close and the other
-//! direction keeps flowing; an error on either socket cancels the whole connection.
+//! the return path behind it (one task for both, as in tokio's `copy_bidirectional`, held
+//! it back for seconds). Bytes are forwarded unchanged and in order; an EOF is passed on
+//! as a half-close and the other direction keeps flowing; an error on either socket
+//! cancels the whole connection.
 
 use std::io;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::splice::Pipe;
 use crate::link::{Direction, Flow, Link};
+use crate::tap::Tap;
 
 /// Largest read per chunk. Large reads keep syscall overhead low at 10 Gb/s; the link caps
 /// chunks further at its burst.
@@ -90,125 +92,6 @@ pub enum PumpError {
     Cancelled,
 }
 
-/// Something that sees every forwarded chunk after it was written (metering, parsing).
-pub trait Tap: Send {
-    /// Called with each chunk, in order, after it was handed to the receiving socket.
-    fn on_chunk(&mut self, chunk: &[u8]);
-
-    /// Whether the tap needs to see the bytes. While it does not, the pump may forward
-    /// without copying them through user space (splice) and reports only their number.
-    fn wants_bytes(&self) -> bool {
-        true
-    }
-
-    /// Called instead of [`Tap::on_chunk`] with the length of a chunk the tap did not see
-    /// (only while [`Tap::wants_bytes`] is false).
-    fn on_unseen(&mut self, _n: usize) {}
-}
-
-/// Counts forwarded bytes into a metric (routes that do not parse).
-impl Tap for metrics::Counter {
-    fn on_chunk(&mut self, chunk: &[u8]) {
-        self.increment(chunk.len() as u64);
-    }
-
-    fn wants_bytes(&self) -> bool {
-        false
-    }
-
-    fn on_unseen(&mut self, n: usize) {
-        self.increment(n as u64);
-    }
-}
-
-impl Tap for () {
-    fn on_chunk(&mut self, _: &[u8]) {}
-
-    fn wants_bytes(&self) -> bool {
-        false
-    }
-}
-
-impl<T: Tap> Tap for Option<T> {
-    fn on_chunk(&mut self, chunk: &[u8]) {
-        if let Some(t) = self {
-            t.on_chunk(chunk);
-        }
-    }
-
-    fn wants_bytes(&self) -> bool {
-        self.as_ref().is_some_and(T::wants_bytes)
-    }
-
-    fn on_unseen(&mut self, n: usize) {
-        if let Some(t) = self {
-            t.on_unseen(n);
-        }
-    }
-}
-
-impl<A: Tap, B: Tap> Tap for (A, B) {
-    fn on_chunk(&mut self, chunk: &[u8]) {
-        self.0.on_chunk(chunk);
-        self.1.on_chunk(chunk);
-    }
-
-    fn wants_bytes(&self) -> bool {
-        self.0.wants_bytes() || self.1.wants_bytes()
-    }
-
-    fn on_unseen(&mut self, n: usize) {
-        self.0.on_unseen(n);
-        self.1.on_unseen(n);
-    }
-}
-
-/// Writes every forwarded byte of one direction to a file (`serve --capture`).
-#[derive(Debug)]
-pub struct CaptureTap {
-    path: std::path::PathBuf,
-    out: Option<std::io::BufWriter<std::fs::File>>,
-}
-
-impl CaptureTap {
-    /// Creates (truncates) `path`.
-    pub fn create(path: std::path::PathBuf) -> io::Result<CaptureTap> {
-        let f = std::fs::File::create(&path)?;
-        Ok(CaptureTap {
-            path,
-            out: Some(std::io::BufWriter::with_capacity(1 << 20, f)),
-        })
-    }
-}
-
-impl Tap for CaptureTap {
-    fn on_chunk(&mut self, chunk: &[u8]) {
-        use std::io::Write;
-        if let Some(out) = &mut self.out {
-            if let Err(e) = out.write_all(chunk) {
-                tracing::warn!(path = %self.path.display(), error = %e, "capture write failed; capture of this direction stops");
-                self.out = None;
-            }
-        }
-    }
-}
-
-impl Drop for CaptureTap {
-    fn drop(&mut self) {
-        use std::io::Write;
-        if let Some(out) = &mut self.out {
-            let _ = out.flush();
-        }
-    }
-}
-
-fn sides(dir: Direction) -> (&'static str, &'static str) {
-    match dir {
-        Direction::ToDestination => ("source", "destination"),
-        Direction::ToSource => ("destination", "source"),
-    }
-}
-
 /// Forwards `src` → `dst` through `link` until EOF (then half-closes `dst`), an error, or
 /// `cancel`. Waits are added to `share.wait` (seconds); buffers follow `share.budget`. Returns the
 /// bytes forwarded, and the tap for its final accounting.
@@ -239,7 +122,7 @@ async fn forward<T: Tap>(
         budget,
         zero_copy,
     } = share;
-    let (from, to) = sides(dir);
+    let (from, to) = dir.sides();
     let mut generation = link.generation();
     if dir == Direction::ToDestination {
         // Sized again after reading the generation: a change between the connector's

@@ -85,6 +85,37 @@ impl Phase {
         Phase::ReturnPath,
     ];
 
+    /// The phases a migration passes through, in order: the return path is not one of
+    /// them (its bytes count in the main channel's phase at the time they pass). The label
+    /// values of the `phase` metrics and the keys of a record's per-phase maps.
+    pub const MIGRATION: [Phase; 4] = [
+        Phase::Setup,
+        Phase::Precopy,
+        Phase::Downtime,
+        Phase::Postcopy,
+    ];
+
+    /// The phase's place in [`Phase::ALL`]; the migration phases come first, so it also
+    /// indexes [`Phase::MIGRATION`].
+    pub fn index(self) -> usize {
+        match self {
+            Phase::Setup => 0,
+            Phase::Precopy => 1,
+            Phase::Downtime => 2,
+            Phase::Postcopy => 3,
+            Phase::ReturnPath => 4,
+        }
+    }
+
+    /// The migration phase a byte of this phase is booked under: itself, and post-copy
+    /// for the return path (which only a return-path parser reports).
+    pub fn migration_phase(self) -> Phase {
+        match self {
+            Phase::ReturnPath => Phase::Postcopy,
+            p => p,
+        }
+    }
+
     /// A short lower-case name, suitable as a metric label.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -116,6 +147,28 @@ pub enum ChannelKind {
 }
 
 impl ChannelKind {
+    /// Every kind, in the order of the `channel` metric label values.
+    pub const ALL: [ChannelKind; 6] = [
+        ChannelKind::Main,
+        ChannelKind::Multifd,
+        ChannelKind::Preempt,
+        ChannelKind::Recovery,
+        ChannelKind::Tls,
+        ChannelKind::Unknown,
+    ];
+
+    /// The kind's place in [`ChannelKind::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            ChannelKind::Main => 0,
+            ChannelKind::Multifd => 1,
+            ChannelKind::Preempt => 2,
+            ChannelKind::Recovery => 3,
+            ChannelKind::Tls => 4,
+            ChannelKind::Unknown => 5,
+        }
+    }
+
     /// A short lower-case name, suitable as a metric label.
     pub fn as_str(self) -> &'static str {
         match self {
