@@ -157,14 +157,6 @@ fn check_counters(record: &serde_json::Value, result: &serde_json::Value) {
     assert_eq!(record["outcome"], "completed", "{record}");
 }
 
-fn sum(v: &serde_json::Value) -> u64 {
-    v.as_object()
-        .unwrap()
-        .values()
-        .map(|x| x.as_u64().unwrap())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn precopy_capture_record_matches_qemu() {
     let (record, result) = replay("precopy-s64-256m", "unlimited").await;

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Running, check_seeded, config, route, send_seeded, start};
+use common::{
+    Running, Spawned, TempDir, check_seeded, config, migshaper, route, send_seeded, start,
+};
 use migshaper::config::ControlConfig;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -598,10 +600,6 @@ fn a_non_loopback_control_address_needs_a_token() {
     assert!(err.contains("without a token"), "{err}");
 }
 
-fn migshaper() -> std::process::Command {
-    std::process::Command::new(env!("CARGO_BIN_EXE_migshaper"))
-}
-
 /// Runs the CLI against `base` on a worker thread: exit code, stdout, stderr.
 async fn cli(base: SocketAddr, args: &[&str], token: Option<&str>) -> (i32, String, String) {
     let mut cmd = migshaper();
@@ -702,51 +700,21 @@ async fn cli_gets_sets_schedules_and_reports_server_errors() {
     server.shutdown().await;
 }
 
-/// Reads the server's JSON log lines until one matches `message`; returns it.
-fn wait_log(lines: &mut impl Iterator<Item = std::io::Result<String>>, message: &str) -> Value {
-    for line in lines {
-        let line = line.unwrap();
-        if let Ok(v) = serde_json::from_str::<Value>(&line) {
-            if v["message"] == message {
-                return v;
-            }
-        }
-    }
-    panic!("the server exited before logging {message:?}");
-}
-
 #[test]
 fn sighup_reloads_link_settings_and_keeps_them_on_a_bad_file() {
-    use std::io::BufRead;
-    let dir = std::env::temp_dir().join(format!("migshaper-hup-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("routes.toml");
+    let dir = TempDir::new("hup");
+    let path = dir.path().join("routes.toml");
     let file = |link: &str, delay: &str| {
         format!(
             "[[route]]\nname = \"lab\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\nlink = \"{link}\"\ndelay = \"{delay}\"\n"
         )
     };
     std::fs::write(&path, file("1g", "0s")).unwrap();
-    let mut child = migshaper()
-        .args([
-            "--log-format",
-            "json",
-            "serve",
-            "--control",
-            "127.0.0.1:0",
-            "--config",
-        ])
-        .arg(&path)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut child = KillOnDrop(child);
-    let addr = wait_log(&mut lines, "control API listening")["addr"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let mut cmd = migshaper();
+    cmd.args(["serve", "--control", "127.0.0.1:0", "--config"])
+        .arg(&path);
+    let mut server = Spawned::start(cmd);
+    let addr = server.control;
     let get_link = || -> Value {
         let mut resp = ureq::get(format!("http://{addr}/routes/lab/link"))
             .call()
@@ -754,18 +722,10 @@ fn sighup_reloads_link_settings_and_keeps_them_on_a_bad_file() {
         resp.body_mut().read_json().unwrap()
     };
     assert_eq!(get_link()["link"], "1gbit");
-    let hup = || {
-        let ok = std::process::Command::new("kill")
-            .args(["-HUP", &child.0.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    };
 
     std::fs::write(&path, file("10g", "3ms")).unwrap();
-    hup();
-    let changed = wait_log(&mut lines, "link changed");
+    server.signal("HUP");
+    let changed = server.log.wait_message("link changed");
     assert_eq!(changed["origin"], "SIGHUP");
     let link = get_link();
     assert_eq!(
@@ -774,87 +734,50 @@ fn sighup_reloads_link_settings_and_keeps_them_on_a_bad_file() {
     );
 
     std::fs::write(&path, file("sideways", "3ms")).unwrap();
-    hup();
-    let failed = wait_log(
-        &mut lines,
-        "config reload failed; the running settings stay in force",
-    );
+    server.signal("HUP");
+    let failed = server
+        .log
+        .wait_message("config reload failed; the running settings stay in force");
     assert!(
         failed["error"].as_str().unwrap().contains("sideways"),
         "{failed}"
     );
     assert_eq!(get_link()["link"], "10gbit");
 
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status();
-    assert!(child.0.wait().unwrap().success());
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Kills the server if the test fails half-way (so no orphan holds the test's pipes).
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    server.signal("TERM");
+    assert!(server.wait_exit().0.success());
 }
 
 #[test]
 fn sighup_without_a_config_file_is_ignored_not_fatal() {
-    use std::io::BufRead;
-    let mut child = migshaper()
-        .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
-        .args([
-            "--upstream",
-            "127.0.0.1:9",
-            "--link",
-            "1g",
-            "--control",
-            "127.0.0.1:0",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let child = KillOnDrop(child);
-    // The first line logged comes after the handler is installed: signal at once.
-    let first = wait_log(&mut lines, "listening");
+    let mut cmd = migshaper();
+    cmd.args(["serve", "--listen", "127.0.0.1:0"]).args([
+        "--upstream",
+        "127.0.0.1:9",
+        "--link",
+        "1g",
+        "--control",
+        "127.0.0.1:0",
+    ]);
+    let mut server = Spawned::start(cmd);
+    let first = server.log.logged("listening");
     assert_eq!(first["route"], "default");
-    let pid = child.0.id().to_string();
+    // Everything is logged after the SIGHUP handler is installed: signalling now is safe.
     for _ in 0..3 {
-        assert!(
-            std::process::Command::new("kill")
-                .args(["-HUP", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        server.signal("HUP");
     }
-    let mut addr = None;
-    let mut ignored = 0;
-    while addr.is_none() || ignored == 0 {
-        let line = lines.next().expect("the server exited").unwrap();
-        let v: Value = serde_json::from_str(&line).unwrap_or_default();
-        match v["message"].as_str() {
-            Some("control API listening") => addr = v["addr"].as_str().map(str::to_string),
-            Some("SIGHUP: nothing to reload (started without --config); ignored") => ignored += 1,
-            _ => {}
-        }
-    }
-    let healthy: Value = ureq::get(format!("http://{}/healthz", addr.unwrap()))
+    server
+        .log
+        .wait_message("SIGHUP: nothing to reload (started without --config); ignored");
+    let healthy: Value = ureq::get(format!("http://{}/healthz", server.control))
         .call()
         .unwrap()
         .body_mut()
         .read_json()
         .unwrap();
     assert_eq!(healthy["status"], "ok");
-    let mut child = child;
     assert!(
-        child.0.try_wait().unwrap().is_none(),
+        server.child.try_wait().unwrap().is_none(),
         "the server survived SIGHUP"
     );
 }

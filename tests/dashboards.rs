@@ -10,13 +10,15 @@
 //! imported by hand and provisioned from files.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Log, Spawned, TempDir, migshaper};
 use serde_json::Value;
 
 /// How long any one wait may take (start-up, the migration, scrapes) before the test fails.
@@ -244,83 +246,6 @@ impl Drop for Reaped {
     }
 }
 
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("migshaper-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A child's stderr lines, read by a thread, with what was seen so far for error messages.
-struct Log {
-    who: &'static str,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Log {
-    fn new(who: &'static str, stderr: ChildStderr) -> Log {
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Log {
-            who,
-            lines: rx,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Every line logged so far.
-    fn drain(&mut self) -> &[String] {
-        self.seen.extend(self.lines.try_iter());
-        &self.seen
-    }
-
-    /// Waits for the first line `f` accepts.
-    fn wait_for<T>(&mut self, what: &str, mut f: impl FnMut(&str) -> Option<T>) -> T {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    let found = f(&line);
-                    self.seen.push(line);
-                    if let Some(v) = found {
-                        return v;
-                    }
-                }
-                Err(e) => {
-                    let why = match e {
-                        RecvTimeoutError::Timeout => "timed out",
-                        RecvTimeoutError::Disconnected => "it exited",
-                    };
-                    panic!(
-                        "{} never logged {what} ({why}); its log:\n{}",
-                        self.who,
-                        self.seen.join("\n")
-                    );
-                }
-            }
-        }
-    }
-}
-
 /// `prometheus` on PATH. Missing is a failure, not a skip: the dashboard would go untested.
 fn prometheus_binary() -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -333,46 +258,13 @@ fn prometheus_binary() -> PathBuf {
         )
 }
 
-/// `migshaper serve` with its control API; returns it, its log, the route's address and
-/// the control API's address.
-fn start_migshaper(upstream: SocketAddr) -> (Reaped, Log, SocketAddr, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_migshaper"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--upstream"])
+/// `migshaper serve` with its control API in front of `upstream`.
+fn start_migshaper(upstream: SocketAddr) -> Spawned {
+    let mut cmd = migshaper();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--upstream"])
         .arg(upstream.to_string())
-        .args(["--link", "10g", "--control", "127.0.0.1:0"])
-        .args(["--log-format", "json"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn migshaper");
-    let mut log = Log::new("migshaper", child.stderr.take().unwrap());
-    let child = Reaped(child);
-    let field = |line: &str, message: &str, key: &str| -> Option<SocketAddr> {
-        let v: Value = serde_json::from_str(line).ok()?;
-        let fields = if v.get("message").is_some() {
-            &v
-        } else {
-            &v["fields"]
-        };
-        if fields["message"] != message {
-            return None;
-        }
-        let addr = fields[key]
-            .as_str()
-            .unwrap_or_else(|| panic!("no `{key}`: {line}"));
-        Some(
-            addr.parse()
-                .unwrap_or_else(|e| panic!("`{key}`: {e}: {line}")),
-        )
-    };
-    let mut listen = None;
-    let mut control = None;
-    log.wait_for("`listening` and `control API listening`", |line| {
-        listen = listen.or_else(|| field(line, "listening", "listen"));
-        control = control.or_else(|| field(line, "control API listening", "addr"));
-        listen.zip(control)
-    });
-    (child, log, listen.unwrap(), control.unwrap())
+        .args(["--link", "10g", "--control", "127.0.0.1:0"]);
+    Spawned::start(cmd)
 }
 
 /// A Prometheus on a free port scraping `target`'s `/metrics` every second.
@@ -398,7 +290,7 @@ fn start_prometheus(dir: &Path, target: SocketAddr) -> (Reaped, Log, SocketAddr)
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn prometheus");
-    let mut log = Log::new("prometheus", child.stderr.take().unwrap());
+    let mut log = Log::read("prometheus", child.stderr.take().unwrap());
     let child = Reaped(child);
     // `... component=web msg="Listening on" address=127.0.0.1:PORT`
     let addr = log.wait_for("the port it listens on", |line| {
@@ -478,7 +370,7 @@ impl Prometheus {
                 panic!(
                     "timed out waiting for {what}: `{expr}` = {:?}; prometheus log:\n{}",
                     self.query(expr),
-                    log.seen.join("\n")
+                    log.lines().join("\n")
                 );
             }
             std::thread::sleep(POLL);
@@ -593,7 +485,8 @@ fn every_dashboard_query_has_data_after_a_real_migration() {
     let tmp = TempDir::new("dashboards");
 
     let dest = TcpListener::bind("127.0.0.1:0").unwrap();
-    let (_migshaper, mut mlog, route, control) = start_migshaper(dest.local_addr().unwrap());
+    let migshaper = start_migshaper(dest.local_addr().unwrap());
+    let (route, control) = (migshaper.listen(), migshaper.control);
     let (_prometheus, plog, prom) = start_prometheus(&tmp.0, control);
     let prom = Prometheus {
         http: Http::new(),
@@ -706,7 +599,7 @@ fn every_dashboard_query_has_data_after_a_real_migration() {
         queries.len(),
         referenced.len(),
         failures.join("\n"),
-        mlog.drain().join("\n")
+        migshaper.log.lines().join("\n")
     );
     eprintln!(
         "{} queries and {} metrics checked in {:.1?}",

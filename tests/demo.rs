@@ -1,8 +1,8 @@
 //! `migshaper demo` end to end: the bundled capture replayed through the real binary.
 
-fn migshaper() -> std::process::Command {
-    std::process::Command::new(env!("CARGO_BIN_EXE_migshaper"))
-}
+mod common;
+
+use common::migshaper;
 
 #[test]
 fn demo_replays_the_bundled_migration_at_both_links() {

@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{config, route, start};
+use common::{Spawned, TempDir, config, migshaper, route, rss_kib, start, sum};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -135,10 +135,8 @@ async fn a_thousand_idle_connections_leave_the_link_to_the_busy_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_during_four_migrations_writes_four_interrupted_records() {
     let replay = migshaper::demo::Replay::bundled().unwrap();
-    let dir = std::env::temp_dir().join(format!("migshaper-faults-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let records = dir.join("records.jsonl");
-    let _ = std::fs::remove_file(&records);
+    let dir = TempDir::new("faults");
+    let records = dir.path().join("records.jsonl");
     let mut dests = Vec::new();
     let mut routes = Vec::new();
     for i in 0..4 {
@@ -184,12 +182,7 @@ async fn shutdown_during_four_migrations_writes_four_interrupted_records() {
     for r in &recs {
         assert_eq!(r["outcome"], "interrupted", "{r}");
         assert_eq!(r["cause"], "interrupted: drain timeout expired", "{r}");
-        let sent: u64 = r["bytes"]["to_destination"]
-            .as_object()
-            .unwrap()
-            .values()
-            .map(|v| v.as_u64().unwrap())
-            .sum();
+        let sent: u64 = sum(&r["bytes"]["to_destination"]);
         assert!(sent + 512 >= 8_000_000 && sent <= 8_000_000, "{sent}");
     }
     let m = metrics.render();
@@ -213,39 +206,28 @@ async fn shutdown_during_four_migrations_writes_four_interrupted_records() {
             .unwrap_or(0);
         assert_eq!(n, 0);
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // === fault injection against the binary: behaviour, log line, metric, record ===
 
-/// A `migshaper serve` child with JSON logs collected, its control API and records file.
+/// A `migshaper serve` child with its control API and records file.
 struct Served {
-    child: std::process::Child,
-    logs: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    server: Spawned,
     listen: std::net::SocketAddr,
     control: std::net::SocketAddr,
     records: std::path::PathBuf,
-    dir: std::path::PathBuf,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    /// Declared after `server`, so the child is gone before its directory is removed.
+    _dir: TempDir,
 }
 
 static SERVED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 fn serve(upstream: std::net::SocketAddr, extra: &[&str]) -> Served {
-    use std::io::BufRead;
     let n = SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("migshaper-fault-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let records = dir.join("records.jsonl");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_migshaper"))
-        .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+    let dir = TempDir::new(&format!("fault-{n}"));
+    let records = dir.path().join("records.jsonl");
+    let mut cmd = migshaper();
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
         .args(["--upstream", &upstream.to_string()])
         .args(if extra.contains(&"--link") {
             &[][..]
@@ -254,65 +236,30 @@ fn serve(upstream: std::net::SocketAddr, extra: &[&str]) -> Served {
         })
         .args(["--control", "127.0.0.1:0", "--records"])
         .arg(&records)
-        .args(extra)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let sink = logs.clone();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            let _ = tx.send(v.clone());
-            sink.lock().unwrap().push(v);
-        }
-    });
-    let (mut listen, mut control) = (None, None);
-    while listen.is_none() || control.is_none() {
-        let v = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("migshaper started");
-        match v["message"].as_str() {
-            Some("listening") => listen = v["listen"].as_str().map(|s| s.parse().unwrap()),
-            Some("control API listening") => {
-                control = v["addr"].as_str().map(|s| s.parse().unwrap())
-            }
-            _ => {}
-        }
-    }
+        .args(extra);
+    let server = Spawned::start(cmd);
     Served {
-        child,
-        logs,
-        listen: listen.unwrap(),
-        control: control.unwrap(),
+        listen: server.listen(),
+        control: server.control,
+        server,
         records,
-        dir,
+        _dir: dir,
     }
 }
 
 impl Served {
     /// Waits until a log line with `message` (and, if given, a field containing `text`).
     async fn log(&self, message: &str, field: Option<(&str, &str)>) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(v) = self.logs.lock().unwrap().iter().find(|v| {
-                v["message"] == message
-                    && field.is_none_or(|(k, t)| v[k].as_str().is_some_and(|s| s.contains(t)))
-            }) {
-                return v.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no log line {message:?} {field:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        tokio::task::block_in_place(|| {
+            self.server
+                .log
+                .wait_any(&format!("{message:?} {field:?}"), |line| {
+                    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+                    (v["message"] == message
+                        && field.is_none_or(|(k, t)| v[k].as_str().is_some_and(|s| s.contains(t))))
+                    .then_some(v)
+                })
+        })
     }
 
     /// Waits until `/metrics` has `series value`.
@@ -540,14 +487,8 @@ async fn fault_destination_stalls_reading_backpressure_not_memory() {
     // migshaper does not buffer the stream in memory.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!writer.is_finished(), "64 MB cannot all be in flight");
-    let pid = s.child.id();
-    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
+    let pid = s.server.child.id();
+    let rss_kib: u64 = rss_kib(pid).unwrap();
     assert!(
         rss_kib < 48 * 1024,
         "migshaper RSS {rss_kib} KiB while stalled"
@@ -558,7 +499,7 @@ async fn fault_destination_stalls_reading_backpressure_not_memory() {
     dr.read_to_end(&mut got).await.unwrap();
     writer.await.unwrap();
     assert!(got == *data, "the stream arrived changed");
-    let _ = s.child.try_wait();
+    let _ = s.server.child.try_wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -608,12 +549,7 @@ async fn bad_streams_are_forwarded_unchanged_and_recorded_without_panic() {
         drop(w.await.unwrap());
         assert!(got == *bytes, "{name}: forwarded bytes differ");
         let r = s.record(i + 1).await;
-        let sent: u64 = r["bytes"]["to_destination"]
-            .as_object()
-            .unwrap()
-            .values()
-            .map(|v| v.as_u64().unwrap())
-            .sum();
+        let sent: u64 = sum(&r["bytes"]["to_destination"]);
         assert_eq!(
             sent,
             bytes.len() as u64,
@@ -629,9 +565,9 @@ async fn bad_streams_are_forwarded_unchanged_and_recorded_without_panic() {
     );
     // Still serving, nothing panicked.
     assert!(
-        !s.logs
-            .lock()
-            .unwrap()
+        !s.server
+            .log
+            .json()
             .iter()
             .any(|v| v["level"] == "ERROR" || v.to_string().contains("panicked")),
         "an error or panic was logged"

@@ -7,11 +7,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use migshaper::inspect::{InspectOutcome, Report, inspect};
 
 use common::fixtures::{fixture_dirs, fixtures_dir, plain_capture};
+use common::migshaper;
 
 /// The main capture, the return path if captured, and the multifd captures in order, as files
 /// `inspect` reads (patched captures decompressed once, see tests/common/fixtures.rs).
@@ -121,7 +122,7 @@ fn temp_dir(test: &str) -> PathBuf {
 }
 
 fn run(args: &[&std::ffi::OsStr]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_migshaper"))
+    migshaper()
         .arg("inspect")
         .args(args)
         .output()

@@ -314,14 +314,10 @@ async fn the_shipped_example_config_loads() {
     assert_eq!(c.routes[1].shape.framing, "ethernet:9000".parse().unwrap());
 }
 
-fn migshaper() -> std::process::Command {
-    std::process::Command::new(env!("CARGO_BIN_EXE_migshaper"))
-}
-
 #[test]
 fn cli_config_errors_exit_2_naming_file_key_and_value() {
-    let dir = std::env::temp_dir().join(format!("migshaper-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = TempDir::new("test");
+    let dir = tmp.path();
     let cases = [
         (
             "unknown-key.toml",
@@ -376,7 +372,7 @@ fn cli_config_errors_exit_2_naming_file_key_and_value() {
     // Unreadable: a directory, and bytes that are not UTF-8 (root reads any mode bits).
     let not_utf8 = dir.join("latin1.toml");
     std::fs::write(&not_utf8, b"[[route]]\nname='\xe9'\n").unwrap();
-    for (path, needle) in [(dir.clone(), "directory"), (not_utf8, "UTF-8")] {
+    for (path, needle) in [(dir.to_path_buf(), "directory"), (not_utf8, "UTF-8")] {
         let err = config_fails(&path);
         assert!(
             err.contains(&*path.to_string_lossy()) && err.contains(needle),
@@ -421,100 +417,40 @@ fn cli_config_errors_exit_2_naming_file_key_and_value() {
         err.contains(&busy.local_addr().unwrap().to_string()) && err.contains("in use"),
         "{err}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Starts the real binary with JSON logs; returns it, its bound listen address, and its
-/// log lines.
-fn spawn_serve(
-    upstream: std::net::SocketAddr,
-    extra: &[&str],
-) -> (
-    std::process::Child,
-    std::net::SocketAddr,
-    std::sync::mpsc::Receiver<String>,
-) {
-    use std::io::BufRead;
-    let mut child = migshaper()
-        .args([
-            "serve",
-            "--control",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--listen",
-            "127.0.0.1:0",
-            "--link",
-            "1g",
-        ])
-        .args(["--upstream", &upstream.to_string()])
-        .args(extra)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("migshaper exited before listening")
-            .unwrap();
-        if let Some(i) = line.find("\"listen\":\"") {
-            let rest = &line[i + 10..];
-            break rest[..rest.find('"').unwrap()].parse().unwrap();
-        }
-    };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in lines.map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    (child, addr, rx)
-}
-
-/// Waits for a log line containing `needle`.
-fn wait_log(logs: &std::sync::mpsc::Receiver<String>, needle: &str) -> String {
-    loop {
-        let l = logs.recv_timeout(WAIT).expect("log line never came");
-        if l.contains(needle) {
-            return l;
-        }
-    }
-}
-
-fn sigterm(child: &std::process::Child) {
-    let ok = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
-
-fn wait_exit(child: &mut std::process::Child) -> (std::process::ExitStatus, Duration) {
-    let t = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return (s, t.elapsed());
-        }
-        assert!(t.elapsed() < WAIT, "migshaper did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+/// Starts the real binary with its control API and a 1g link in front of `upstream`.
+fn spawn_serve(upstream: std::net::SocketAddr, extra: &[&str]) -> Spawned {
+    let mut cmd = migshaper();
+    cmd.args([
+        "serve",
+        "--control",
+        "127.0.0.1:0",
+        "--listen",
+        "127.0.0.1:0",
+        "--link",
+        "1g",
+    ])
+    .args(["--upstream", &upstream.to_string()])
+    .args(extra);
+    Spawned::start(cmd)
 }
 
 #[test]
 fn sigterm_stops_accepting_and_drains_open_connections() {
     use std::io::{Read, Write};
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let (mut child, addr, logs) = spawn_serve(upstream.local_addr().unwrap(), &[]);
+    let mut server = spawn_serve(upstream.local_addr().unwrap(), &[]);
+    let addr = server.listen();
     let mut c = std::net::TcpStream::connect(addr).unwrap();
     let (mut d, _) = upstream.accept().unwrap();
     c.write_all(b"before").unwrap();
     let mut b = [0u8; 6];
     d.read_exact(&mut b).unwrap();
-    sigterm(&child);
+    server.signal("TERM");
     // New connections are refused once the listener is closed (probing earlier would
     // open a real connection that the drain then waits for)...
-    wait_log(&logs, "stopped accepting");
+    server.log.wait_contains("stopped accepting");
     let refused = std::net::TcpStream::connect(addr).unwrap_err();
     assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     // ...while the open one keeps flowing both ways until it closes.
@@ -525,12 +461,12 @@ fn sigterm_stops_accepting_and_drains_open_connections() {
     c.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"reply!");
     assert!(
-        child.try_wait().unwrap().is_none(),
+        server.child.try_wait().unwrap().is_none(),
         "exited with a connection open"
     );
     drop(c);
     drop(d);
-    let (status, _) = wait_exit(&mut child);
+    let (status, _) = server.wait_exit();
     assert_eq!(status.code(), Some(0));
 }
 
@@ -538,20 +474,20 @@ fn sigterm_stops_accepting_and_drains_open_connections() {
 fn the_drain_timeout_closes_what_is_left_and_exits_0() {
     use std::io::Read;
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let (mut child, addr, logs) = spawn_serve(
+    let mut server = spawn_serve(
         upstream.local_addr().unwrap(),
         &["--drain-timeout", "300ms"],
     );
-    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    let mut c = std::net::TcpStream::connect(server.listen()).unwrap();
     let (_d, _) = upstream.accept().unwrap();
-    sigterm(&child);
-    let (status, took) = wait_exit(&mut child);
+    server.signal("TERM");
+    let (status, took) = server.wait_exit();
     assert_eq!(status.code(), Some(0));
     assert!(
         took >= Duration::from_millis(250),
         "exited after {took:?}, before the drain timeout"
     );
-    wait_log(&logs, "drain timeout expired");
+    server.log.wait_contains("drain timeout expired");
     // The idle connection was closed, not left hanging.
     let mut b = [0u8; 1];
     c.set_read_timeout(Some(WAIT)).unwrap();

@@ -1,8 +1,14 @@
-//! Shared helpers for the integration tests: start a server on 127.0.0.1:0, seeded data.
+//! Shared helpers for the integration tests, the benchmarks and the soak example: an
+//! in-process server on 127.0.0.1:0, the `migshaper` binary as a child process with its
+//! log, seeded data.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use migshaper::app::{RouteHandle, Server};
 use migshaper::config::{Config, RouteConfig};
@@ -81,6 +87,305 @@ pub fn start(config: Config) -> Running {
         metrics,
         stop: Some(tx),
         task,
+    }
+}
+
+/// How long any wait on a child's log may take before the caller fails.
+pub const LOG_WAIT: Duration = Duration::from_secs(30);
+
+/// The `migshaper` binary cargo built for this test or benchmark. Cargo gives examples no
+/// such path: they start their binary with [`Command::new`] and a path of their own.
+pub fn migshaper() -> Command {
+    match option_env!("CARGO_BIN_EXE_migshaper") {
+        Some(path) => Command::new(path),
+        None => panic!("cargo sets CARGO_BIN_EXE_migshaper for tests and benchmarks only"),
+    }
+}
+
+/// A child's stderr, read line by line by a thread and kept. Waits block until the awaited
+/// line arrives (no polling), and every line stays available for assertions and failure
+/// messages.
+#[derive(Clone)]
+pub struct Log {
+    who: String,
+    shared: Arc<(Mutex<Lines>, Condvar)>,
+    /// Lines before this index have been passed by [`Log::wait_for`].
+    next: usize,
+}
+
+#[derive(Default)]
+struct Lines {
+    all: Vec<String>,
+    /// The child closed its stderr (it exited).
+    ended: bool,
+}
+
+impl Log {
+    /// Starts reading `stderr` of the child called `who` (the name in failure messages).
+    pub fn read(who: &str, stderr: impl std::io::Read + Send + 'static) -> Log {
+        let shared = Arc::new((Mutex::new(Lines::default()), Condvar::new()));
+        let writer = shared.clone();
+        std::thread::spawn(move || {
+            let (lines, more) = &*writer;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                lock(lines).all.push(line);
+                more.notify_all();
+            }
+            lock(lines).ended = true;
+            more.notify_all();
+        });
+        Log {
+            who: who.to_string(),
+            shared,
+            next: 0,
+        }
+    }
+
+    /// Every line logged so far.
+    pub fn lines(&self) -> Vec<String> {
+        lock(&self.shared.0).all.clone()
+    }
+
+    /// Every line logged so far that is JSON (with `--log-format json`: all of them).
+    pub fn json(&self) -> Vec<serde_json::Value> {
+        lock(&self.shared.0)
+            .all
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits for the first line after the ones already passed that `f` accepts, and
+    /// moves past it.
+    pub fn wait_for<T>(&mut self, what: &str, f: impl FnMut(&str) -> Option<T>) -> T {
+        let (next, found) = self.wait_from(self.next, what, f);
+        self.next = next;
+        found
+    }
+
+    /// Waits for the first line since the start that `f` accepts.
+    pub fn wait_any<T>(&self, what: &str, f: impl FnMut(&str) -> Option<T>) -> T {
+        self.wait_from(0, what, f).1
+    }
+
+    /// [`Log::wait_for`] the next JSON line whose `message` is `message`.
+    pub fn wait_message(&mut self, message: &str) -> serde_json::Value {
+        self.wait_for(&format!("{message:?}"), |line| with_message(line, message))
+    }
+
+    /// [`Log::wait_any`] JSON line whose `message` is `message`.
+    pub fn logged(&self, message: &str) -> serde_json::Value {
+        self.wait_any(&format!("{message:?}"), |line| with_message(line, message))
+    }
+
+    /// [`Log::wait_for`] the next line that contains `needle`.
+    pub fn wait_contains(&mut self, needle: &str) -> String {
+        self.wait_for(&format!("a line with {needle:?}"), |line| {
+            line.contains(needle).then(|| line.to_string())
+        })
+    }
+
+    /// Waits until the child has closed its stderr, which it does by exiting.
+    pub fn wait_end(&self) {
+        let (lines, more) = &*self.shared;
+        let deadline = Instant::now() + LOG_WAIT;
+        let mut seen = lock(lines);
+        while !seen.ended {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "{} did not exit", self.who);
+            seen = more
+                .wait_timeout(seen, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn wait_from<T>(
+        &self,
+        mut i: usize,
+        what: &str,
+        mut f: impl FnMut(&str) -> Option<T>,
+    ) -> (usize, T) {
+        let (lines, more) = &*self.shared;
+        let deadline = Instant::now() + LOG_WAIT;
+        let mut seen = lock(lines);
+        loop {
+            while i < seen.all.len() {
+                i += 1;
+                if let Some(found) = f(&seen.all[i - 1]) {
+                    return (i, found);
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if seen.ended || left.is_zero() {
+                let why = if seen.ended { "it exited" } else { "timed out" };
+                let log = seen.all.join("\n");
+                drop(seen);
+                panic!("{} never logged {what} ({why}); its log:\n{log}", self.who);
+            }
+            seen = more
+                .wait_timeout(seen, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn with_message(line: &str, message: &str) -> Option<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    (v["message"] == message).then_some(v)
+}
+
+/// The `migshaper` binary serving, as a child process with JSON logs; killed and reaped
+/// when dropped.
+pub struct Spawned {
+    pub child: Child,
+    pub log: Log,
+    /// Each route's name and bound address, in the order they were logged.
+    pub routes: Vec<(String, SocketAddr)>,
+    /// The control API's bound address.
+    pub control: SocketAddr,
+}
+
+impl Spawned {
+    /// Starts `cmd` (the binary with its `serve` arguments) with JSON logs at level info
+    /// and waits for its listening lines. The command must enable the control API: its
+    /// "control API listening" line comes after every route's "listening" line, so all
+    /// addresses are known once it is seen.
+    pub fn start(mut cmd: Command) -> Spawned {
+        cmd.args(["--log-format", "json"])
+            .env("MIGSHAPER_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
+        let mut log = Log::read("migshaper", child.stderr.take().unwrap());
+        let addr = |v: &serde_json::Value, key: &str| -> SocketAddr {
+            let a = v[key]
+                .as_str()
+                .unwrap_or_else(|| panic!("no `{key}` in {v}"));
+            a.parse().unwrap_or_else(|e| panic!("`{key}`: {e}: {v}"))
+        };
+        let mut routes = Vec::new();
+        let control = log.wait_for("`listening` and `control API listening`", |line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            match v["message"].as_str()? {
+                "listening" => {
+                    let name = v["route"].as_str().unwrap_or_default().to_string();
+                    routes.push((name, addr(&v, "listen")));
+                    None
+                }
+                "control API listening" => Some(addr(&v, "addr")),
+                _ => None,
+            }
+        });
+        Spawned {
+            child,
+            log,
+            routes,
+            control,
+        }
+    }
+
+    /// The first route's address.
+    pub fn listen(&self) -> SocketAddr {
+        self.routes[0].1
+    }
+
+    /// The address of the route called `name`.
+    pub fn route(&self, name: &str) -> SocketAddr {
+        self.routes
+            .iter()
+            .find(|r| r.0 == name)
+            .unwrap_or_else(|| panic!("no route {name} in {:?}", self.routes))
+            .1
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends the signal called `name` (`TERM`, `HUP`, ...) with kill(1).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{name}"), self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{name} failed");
+    }
+
+    /// Waits until the child exits: its status and how long that took.
+    pub fn wait_exit(&mut self) -> (ExitStatus, Duration) {
+        let t = Instant::now();
+        self.log.wait_end();
+        (self.child.wait().unwrap(), t.elapsed())
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The sum of a JSON object's values (a record's bytes per phase).
+pub fn sum(v: &serde_json::Value) -> u64 {
+    v.as_object()
+        .unwrap()
+        .values()
+        .map(|x| x.as_u64().unwrap())
+        .sum()
+}
+
+/// The resident set size of process `pid` in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The CPU time (user + system) process `pid` has used, in clock ticks (1/100 s), from
+/// /proc; 0 if it cannot be read.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the command name.
+    f.get(11).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// A fresh directory under the system's temporary directory, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// `migshaper-{name}-{pid}`, emptied if it exists.
+    pub fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("migshaper-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
