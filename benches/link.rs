@@ -15,9 +15,9 @@
 #[path = "../tests/common/fixtures.rs"]
 mod fixtures;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -25,6 +25,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use common::{Spawned, cpu_ticks, migshaper};
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -97,8 +101,8 @@ fn main() {
     let sinks: Vec<Arc<TcpListener>> = (0..=ROUTES.len())
         .map(|_| Arc::new(TcpListener::bind("127.0.0.1:0").expect("bind sink")))
         .collect();
-    let (mut child, routes) = start_migshaper(&args, &sinks[1..]);
-    let pid = child.id();
+    let (migshaper, routes) = start_migshaper(&args, &sinks[1..]);
+    let pid = migshaper.pid();
     let target = |name, rate, i: usize, replay| Target {
         name,
         rate,
@@ -161,8 +165,7 @@ fn main() {
             results[i].push(r);
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(migshaper);
     if !flushed {
         eprintln!(
             "WARNING: could not flush the kernel's cached TCP metrics for 127.0.0.0/8 \
@@ -190,7 +193,8 @@ fn forget_loopback_tcp_metrics() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn start_migshaper(args: &Args, sinks: &[Arc<TcpListener>]) -> (Child, Vec<SocketAddr>) {
+/// The binary serving [`ROUTES`] in front of `sinks`; the routes' addresses in that order.
+fn start_migshaper(args: &Args, sinks: &[Arc<TcpListener>]) -> (Spawned, Vec<SocketAddr>) {
     let dir = std::env::temp_dir().join(format!("migshaper-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("bench.toml");
@@ -203,41 +207,12 @@ fn start_migshaper(args: &Args, sinks: &[Arc<TcpListener>]) -> (Child, Vec<Socke
         );
     }
     std::fs::write(&config, text).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_migshaper"))
-        .args([
-            "serve",
-            "--control",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--config",
-        ])
-        .arg(&config)
-        .env("MIGSHAPER_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start migshaper (build it with cargo bench, which builds the binary)");
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let mut addrs = vec![None; ROUTES.len()];
-    while addrs.iter().any(Option::is_none) {
-        let line = lines
-            .next()
-            .expect("migshaper exited before listening")
-            .unwrap();
-        if !line.contains("\"listening\"") {
-            continue;
-        }
-        let field = |k: &str| {
-            let start = line.find(&format!("\"{k}\":\"")).unwrap() + k.len() + 4;
-            line[start..start + line[start..].find('"').unwrap()].to_string()
-        };
-        let idx = ROUTES.iter().position(|r| r.0 == field("route")).unwrap();
-        addrs[idx] = Some(field("listen").parse().unwrap());
-    }
-    // Keep draining stderr so migshaper never blocks on a full pipe.
-    thread::spawn(move || for _ in lines {});
-    (child, addrs.into_iter().map(Option::unwrap).collect())
+    let mut cmd = migshaper();
+    cmd.args(["serve", "--control", "127.0.0.1:0", "--config"])
+        .arg(&config);
+    let server = Spawned::start(cmd);
+    let addrs = ROUTES.iter().map(|r| server.route(r.0)).collect();
+    (server, addrs)
 }
 
 /// The main channel of a real pre-copy migration (QEMU 7.2, 191 MB).
@@ -307,15 +282,6 @@ fn run_replay(t: &Target, capture: &Arc<Vec<u8>>, secs: f64, pid: u32) -> RunRes
         ping_second: Vec::new(),
         cpu_pct: cpu,
     }
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the command name.
-    f.get(11).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
 }
 
 fn now_ns(epoch: Instant) -> u64 {

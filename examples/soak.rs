@@ -9,9 +9,8 @@
 //! `--wide-secs` and reports the RSS. Prints a Markdown summary; exits 1 on any checksum
 //! mismatch, transfer error, or an ERROR/WARN line in migshaper's log.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -58,10 +57,11 @@ fn args() -> Args {
     a
 }
 
-// The tests' seeded splitmix64 stream (cheap to generate and to check at GB/s).
+// The tests' seeded splitmix64 stream (cheap to generate and to check at GB/s) and their
+// handle on the binary as a child process.
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::Seeded;
+use common::{Log, Seeded, Spawned};
 
 #[derive(Default)]
 struct Totals {
@@ -147,88 +147,22 @@ async fn run_conns(
     tasks
 }
 
+/// RSS of `pid` in KiB, 0 if it cannot be read.
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    common::rss_kib(pid).unwrap_or(0)
 }
 
 /// utime + stime of `pid`, in seconds.
 fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
+    common::cpu_ticks(pid) as f64 / 100.0
 }
 
-struct Server {
-    child: Child,
-    via: SocketAddr,
-    control: SocketAddr,
-    log: std::path::PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(binary: &str, upstream: SocketAddr, link: &str, log: std::path::PathBuf) -> Server {
-    let mut child = Command::new(binary)
-        .args([
-            "--log-format",
-            "json",
-            "serve",
-            "--name",
-            "soak",
-            "--listen",
-            "127.0.0.1:0",
-        ])
+fn start(binary: &str, upstream: SocketAddr, link: &str) -> Spawned {
+    let mut cmd = Command::new(binary);
+    cmd.args(["serve", "--name", "soak", "--listen", "127.0.0.1:0"])
         .args(["--upstream", &upstream.to_string(), "--link", link])
-        .args(["--control", "127.0.0.1:0", "--no-parse"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {binary}: {e} (cargo build --release first)"));
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut out = std::fs::File::create(&log).unwrap();
-    let (mut via, mut control) = (None, None);
-    while via.is_none() || control.is_none() {
-        let line = lines.next().expect("migshaper exited at start").unwrap();
-        use std::io::Write;
-        let _ = writeln!(out, "{line}");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        match v["message"].as_str() {
-            Some("listening") => via = v["listen"].as_str().and_then(|s| s.parse().ok()),
-            Some("control API listening") => {
-                control = v["addr"].as_str().and_then(|s| s.parse().ok())
-            }
-            _ => {}
-        }
-    }
-    // Keep copying the log.
-    std::thread::spawn(move || {
-        use std::io::Write;
-        for line in lines.map_while(Result::ok) {
-            let _ = writeln!(out, "{line}");
-        }
-    });
-    Server {
-        child,
-        via: via.unwrap(),
-        control: control.unwrap(),
-        log,
-    }
+        .args(["--control", "127.0.0.1:0", "--no-parse"]);
+    Spawned::start(cmd)
 }
 
 fn set_link(control: SocketAddr, link: &str) {
@@ -239,12 +173,11 @@ fn set_link(control: SocketAddr, link: &str) {
         .unwrap_or_else(|e| panic!("PUT link {link}: {e}"));
 }
 
-fn log_problems(path: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
+/// migshaper's ERROR and WARN lines.
+fn log_problems(log: &Log) -> Vec<String> {
+    log.lines()
+        .into_iter()
         .filter(|l| l.contains("\"level\":\"ERROR\"") || l.contains("\"level\":\"WARN\""))
-        .map(str::to_string)
         .collect()
 }
 
@@ -253,20 +186,21 @@ async fn main() {
     let a = args();
     let _ = migshaper::raise_fd_limit();
     let sink = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dir = std::env::temp_dir().join(format!("migshaper-soak-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
 
     // Phase 1: N connections both ways, link switched every `switch`.
-    let server = start(
-        &a.binary,
-        sink.local_addr().unwrap(),
-        &a.links[0],
-        dir.join("soak.log"),
-    );
-    let pid = server.child.id();
+    let server = start(&a.binary, sink.local_addr().unwrap(), &a.links[0]);
+    let pid = server.pid();
     let totals = Arc::new(Totals::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let tasks = run_conns(server.via, &sink, a.conns, 1, stop.clone(), totals.clone()).await;
+    let tasks = run_conns(
+        server.listen(),
+        &sink,
+        a.conns,
+        1,
+        stop.clone(),
+        totals.clone(),
+    )
+    .await;
     let t0 = Instant::now();
     let bytes0 = totals.bytes.load(Ordering::Relaxed);
     let cpu0 = cpu_secs(pid);
@@ -325,17 +259,12 @@ async fn main() {
     drop(server);
 
     // Phase 2: many connections at full rate; RSS.
-    let server = start(
-        &a.binary,
-        sink.local_addr().unwrap(),
-        "10g",
-        dir.join("wide.log"),
-    );
-    let wpid = server.child.id();
+    let server = start(&a.binary, sink.local_addr().unwrap(), "10g");
+    let wpid = server.pid();
     let wtotals = Arc::new(Totals::default());
     let wstop = Arc::new(AtomicBool::new(false));
     let wtasks = run_conns(
-        server.via,
+        server.listen(),
         &sink,
         a.wide,
         1000,
@@ -404,7 +333,6 @@ async fn main() {
     for p in problems.iter().chain(&wide_problems).take(10) {
         eprintln!("soak: log: {p}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
     let ok = mismatches == 0
         && errors == 0
         && problems.is_empty()
