@@ -55,7 +55,6 @@ const PING_EVERY: Duration = Duration::from_millis(10);
 const TAG_BULK: u8 = 0;
 const TAG_PONG: u8 = 1;
 
-/// migshaper's routes in the benchmark: name, link, parsing on.
 /// Routes of the migshaper under test: name, link, parse, zero copy.
 const ROUTES: [(&str, &str, bool, bool); 7] = [
     ("unlimited", "unlimited", true, true),

@@ -253,9 +253,10 @@ pub struct Spawned {
 
 impl Spawned {
     /// Starts `cmd` (the binary with its `serve` arguments) with JSON logs at level info
-    /// and waits for its listening lines. The command must enable the control API: its
-    /// "control API listening" line comes after every route's "listening" line, so all
-    /// addresses are known once it is seen.
+    /// and waits for its listening lines. The control API must be on (pass `--control
+    /// 127.0.0.1:0`; `--control off` would leave this waiting): its "control API listening"
+    /// line comes after every route's "listening" line, so all addresses are known once it
+    /// is seen.
     pub fn start(mut cmd: Command) -> Spawned {
         cmd.args(["--log-format", "json"])
             .env("MIGSHAPER_LOG", "info")
