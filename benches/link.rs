@@ -12,9 +12,6 @@
 //! Run: `cargo bench --bench link` (options: `-- --secs 3 --rounds 3 --burst 1ms`).
 //! Prints a Markdown table; figures are means over rounds.
 
-#[path = "../tests/common/fixtures.rs"]
-mod fixtures;
-
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
@@ -25,7 +22,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use common::{Spawned, cpu_ticks, migshaper};
+use common::{Spawned, cpu_ticks, fixtures, migshaper};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
