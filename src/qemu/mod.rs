@@ -37,6 +37,7 @@
 //! over its connections; [`MultifdLedger`] corrects `normal` across multifd channels.
 
 mod multifd;
+mod stepper;
 mod parser;
 mod rp;
 pub mod wire;

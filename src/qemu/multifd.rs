@@ -4,8 +4,9 @@
 //! Multifd packets carry no phase markers: their bytes go to the phase the owner sets with
 //! `StreamParser::follow_phase`.
 
+use super::stepper::{Step, Stepper, Want};
 use super::wire::*;
-use super::{Core, DesyncReason, EventKind, MAX_HEADER_BYTES};
+use super::{Core, DesyncReason, EventKind};
 
 /// A multifd RAM packet that carried pages, as reported by [`EventKind::MultifdPacket`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,21 +107,14 @@ enum After {
     PacketEnd,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum St {
-    Need(usize, Hdr),
-    Skip(u64, After),
-    Opaque,
-}
-
 /// The multifd channel parser.
 #[derive(Debug)]
 pub(super) struct MultifdParser {
-    st: St,
+    io: Stepper<Hdr, After>,
+    /// Stream offset of the next byte to consume.
     pos: u64,
+    /// Stream offset where the packet being read began.
     unit: u64,
-    buf: [u8; MAX_HEADER_BYTES],
-    blen: usize,
     page_size: u32,
     /// Whether `page_size` was given (or learned from a header) rather than assumed.
     page_known: bool,
@@ -136,11 +130,9 @@ pub(super) struct MultifdParser {
 impl MultifdParser {
     pub(super) fn new(page_hint: Option<u32>) -> Self {
         MultifdParser {
-            st: St::Need(MULTIFD_INIT_LEN, Hdr::Init),
+            io: Stepper::new(Want::Header(MULTIFD_INIT_LEN, Hdr::Init)),
             pos: 0,
             unit: 0,
-            buf: [0; MAX_HEADER_BYTES],
-            blen: 0,
             page_size: page_hint.unwrap_or(DEFAULT_PAGE_SIZE),
             page_known: page_hint.is_some(),
             flags: 0,
@@ -163,7 +155,8 @@ impl MultifdParser {
 
     /// Whether the channel stands between two packets.
     pub(super) fn at_boundary(&self) -> bool {
-        matches!(self.st, St::Need(_, Hdr::Common) | St::Opaque) && self.blen == 0
+        matches!(self.io.want(), Want::Header(_, Hdr::Common) | Want::Opaque)
+            && self.io.gathered().is_empty()
     }
 
     fn page_count(&self) -> u64 {
@@ -173,60 +166,38 @@ impl MultifdParser {
     pub(super) fn feed(&mut self, core: &mut Core, data: &[u8]) {
         let mut i = 0;
         while i < data.len() {
-            let d = &data[i..];
-            i += match self.st {
-                St::Opaque => {
-                    core.stats.opaque_bytes += d.len() as u64;
-                    self.pos += d.len() as u64;
-                    d.len()
-                }
-                St::Skip(left, after) => {
-                    let take = left.min(d.len() as u64);
-                    self.pos += take;
-                    if take == left {
-                        self.after_skip(core, after);
-                    } else {
-                        self.st = St::Skip(left - take, after);
-                    }
-                    take as usize
-                }
-                St::Need(n, h) => {
-                    let take = (n - self.blen).min(d.len());
-                    self.buf[self.blen..self.blen + take].copy_from_slice(&d[..take]);
-                    self.blen += take;
-                    self.pos += take as u64;
-                    if self.blen == n {
-                        self.on_hdr(core, h);
-                    }
-                    take
-                }
-            };
+            let (used, step) = self.io.step(&data[i..]);
+            i += used;
+            self.pos += used as u64;
+            match step {
+                Step::Pending => {}
+                Step::Opaque => core.stats.opaque_bytes += used as u64,
+                Step::Header(h) => self.on_hdr(core, h),
+                Step::Body(after) => self.after_skip(core, after),
+            }
         }
         core.attribute(self.pos);
     }
 
     /// Opaque for good: the rest of the stream is only counted.
     pub(super) fn is_opaque(&self) -> bool {
-        self.st == St::Opaque
+        self.io.want() == Want::Opaque
     }
 
     fn go_opaque(&mut self, core: &mut Core, reason: DesyncReason) {
         core.stats.opaque_bytes += self.pos - self.unit;
         core.desync(self.unit, reason);
-        self.st = St::Opaque;
-        self.blen = 0;
+        self.io.opaque();
     }
 
     fn next_packet(&mut self) {
-        self.blen = 0;
         self.unit = self.pos;
         self.packet_start = self.pos;
-        self.st = St::Need(12, Hdr::Common);
+        self.io.gather(12, Hdr::Common);
     }
 
     fn skip(&mut self, core: &mut Core, n: u64, after: After) {
-        self.blen = 0;
-        self.st = St::Skip(n, after);
+        self.io.skip(n, after);
         if n == 0 {
             self.after_skip(core, after);
         }
@@ -234,10 +205,7 @@ impl MultifdParser {
 
     fn after_skip(&mut self, core: &mut Core, after: After) {
         match after {
-            After::LastOffset => {
-                self.blen = 0;
-                self.st = St::Need(8, Hdr::LastOffset);
-            }
+            After::LastOffset => self.io.gather(8, Hdr::LastOffset),
             After::PacketEnd => self.packet_done(core),
         }
     }
@@ -249,7 +217,7 @@ impl MultifdParser {
     }
 
     fn on_hdr(&mut self, core: &mut Core, h: Hdr) {
-        let b = &self.buf;
+        let b = self.io.header();
         let be32 = |o: usize| u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         match h {
             Hdr::Init => {
@@ -266,10 +234,12 @@ impl MultifdParser {
                     return;
                 }
                 self.flags = flags;
+                // The rest of the header follows the common part in the same buffer.
                 if flags & MULTIFD_FLAG_DEVICE_STATE != 0 {
-                    self.st = St::Need(MULTIFD_DEVICE_STATE_HDR_LEN, Hdr::DeviceState);
+                    self.io
+                        .gather_more(MULTIFD_DEVICE_STATE_HDR_LEN, Hdr::DeviceState);
                 } else {
-                    self.st = St::Need(MULTIFD_PACKET_FIXED_LEN, Hdr::Ram);
+                    self.io.gather_more(MULTIFD_PACKET_FIXED_LEN, Hdr::Ram);
                 }
             }
             Hdr::DeviceState => {
@@ -336,8 +306,7 @@ impl MultifdParser {
                 if normal == 0 {
                     self.skip(core, self.tail, After::PacketEnd);
                 } else {
-                    self.blen = 0;
-                    self.st = St::Need(8, Hdr::FirstOffset);
+                    self.io.gather(8, Hdr::FirstOffset);
                 }
             }
         }

@@ -8,6 +8,7 @@
 //! validate a footer candidate are replayed through the state machine, from a fixed buffer.
 //! Any failure switches to opaque mode for the rest of the connection.
 
+use super::stepper::{Step, Stepper, Want};
 use super::wire::*;
 use super::{Core, DesyncReason, EventKind, MAX_HEADER_BYTES, Phase};
 
@@ -110,6 +111,10 @@ enum Hdr {
     MemGaddr,
     FooterPeek,
     FooterId,
+    /// Device section body: a footer mark found while scanning for section `id`.
+    FooterMark(u32),
+    /// A footer candidate for section `id`, being validated.
+    Cand(u32),
 }
 
 /// What follows a counted skip.
@@ -123,17 +128,6 @@ enum SkipNext {
     VmdescEnd,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum St {
-    Need(usize, Hdr),
-    Skip(u64, SkipNext),
-    /// Footer scan for the section with this id.
-    Scan(u32),
-    /// Footer candidate in `buf`; validation needs `usize` bytes.
-    Cand(u32, usize),
-    Opaque,
-}
-
 /// Result of validating a footer candidate.
 enum Cand {
     More(usize),
@@ -145,11 +139,9 @@ enum Cand {
 #[derive(Debug)]
 pub(super) struct MainParser {
     mode: Mode,
-    st: St,
+    io: Stepper<Hdr, SkipNext>,
     /// Stream offset of the next byte the state machine consumes.
     pos: u64,
-    buf: [u8; MAX_HEADER_BYTES],
-    blen: usize,
     /// Stream offset where the header being gathered began.
     unit: u64,
     /// Bytes from this offset on wait for a record's phase decision.
@@ -250,17 +242,15 @@ impl MainParser {
             Some(p) => (p, PageSource::Hint),
             None => (DEFAULT_PAGE_SIZE, PageSource::Default),
         };
-        let st = match mode {
-            Mode::Main => St::Need(8, Hdr::Header),
-            Mode::Recovery => St::Need(1, Hdr::TopType),
-            Mode::Preempt => St::Need(8, Hdr::RamW),
+        let first = match mode {
+            Mode::Main => Want::Header(8, Hdr::Header),
+            Mode::Recovery => Want::Header(1, Hdr::TopType),
+            Mode::Preempt => Want::Header(8, Hdr::RamW),
         };
         MainParser {
             mode,
-            st,
+            io: Stepper::new(first),
             pos: 0,
-            buf: [0; MAX_HEADER_BYTES],
-            blen: 0,
             unit: 0,
             hold: None,
             replay: [0; REPLAY_CAP],
@@ -305,7 +295,7 @@ impl MainParser {
 
     /// Opaque for good: the rest of the stream is only counted.
     pub(super) fn is_opaque(&self) -> bool {
-        self.st == St::Opaque && self.replay_len == 0
+        self.io.want() == Want::Opaque && self.replay_len == 0
     }
 
     /// Feeds bytes (already counted in `core.stats.total_bytes`).
@@ -345,20 +335,21 @@ impl MainParser {
 
     /// Settles the stream at FIN. Returns whether it ended at a clean boundary.
     pub(super) fn finish(&mut self, core: &mut Core) -> bool {
-        if let St::Cand(_, 7) = self.st {
-            if self.blen == 6 && self.buf[5] == QEMU_VM_EOF {
+        if let Want::Header(7, Hdr::Cand(_)) = self.io.want() {
+            let got = self.io.gathered();
+            if got.len() == 6 && got[5] == QEMU_VM_EOF {
                 // Footer + EOF as the very last bytes (no VMDESCRIPTION): accept them.
-                self.blen = 0;
                 self.top_record(core, QEMU_VM_EOF);
             }
         }
         self.hold = None;
         core.attribute(self.pos);
-        match self.st {
-            St::Opaque => true,
-            St::Need(_, Hdr::TopType) => self.blen == 0,
+        let boundary = self.io.gathered().is_empty();
+        match self.io.want() {
+            Want::Opaque => true,
+            Want::Header(_, Hdr::TopType) => boundary,
             // A preempt channel may end between RAM records.
-            St::Need(_, Hdr::RamW) => self.blen == 0 && self.mode == Mode::Preempt,
+            Want::Header(_, Hdr::RamW) => boundary && self.mode == Mode::Preempt,
             _ => false,
         }
     }
@@ -396,78 +387,35 @@ impl MainParser {
         if d.is_empty() {
             return 0;
         }
-        match self.st {
-            St::Skip(left, next) => {
-                let take = left.min(d.len() as u64);
-                self.pos += take;
-                let left = left - take;
-                if left == 0 {
-                    self.after_skip(core, next);
-                } else {
-                    self.st = St::Skip(left, next);
+        if let Want::Header(_, Hdr::RamW) = self.io.want() {
+            if self.io.gathered().is_empty() && !self.page_check {
+                let used = self.fast_ram(core, d);
+                if used > 0 {
+                    return used;
                 }
-                take as usize
-            }
-            St::Need(n, h) => {
-                if h == Hdr::RamW && self.blen == 0 && !self.page_check {
-                    let used = self.fast_ram(core, d);
-                    if used > 0 {
-                        return used;
-                    }
-                }
-                let take = (n - self.blen).min(d.len());
-                self.buf[self.blen..self.blen + take].copy_from_slice(&d[..take]);
-                self.blen += take;
-                self.pos += take as u64;
-                if self.blen == n {
-                    self.blen = 0;
-                    self.on_hdr(core, h, n);
-                }
-                take
-            }
-            St::Scan(id) => match d.iter().position(|&b| b == QEMU_VM_SECTION_FOOTER) {
-                None => {
-                    self.pos += d.len() as u64;
-                    d.len()
-                }
-                Some(k) => {
-                    self.pos += k as u64 + 1;
-                    self.unit = self.pos - 1;
-                    self.hold = Some(self.unit);
-                    self.buf[0] = QEMU_VM_SECTION_FOOTER;
-                    self.blen = 1;
-                    self.st = St::Cand(id, 5);
-                    k + 1
-                }
-            },
-            St::Cand(id, need) => {
-                let take = (need - self.blen).min(d.len());
-                self.buf[self.blen..self.blen + take].copy_from_slice(&d[..take]);
-                self.blen += take;
-                self.pos += take as u64;
-                if self.blen == need {
-                    self.check_candidate(core, id);
-                }
-                take
-            }
-            St::Opaque => {
-                self.pos += d.len() as u64;
-                core.stats.opaque_bytes += d.len() as u64;
-                d.len()
             }
         }
+        let (used, step) = self.io.step(d);
+        self.pos += used as u64;
+        match step {
+            Step::Pending => {}
+            Step::Opaque => core.stats.opaque_bytes += used as u64,
+            Step::Header(h) => self.on_hdr(core, h),
+            Step::Body(next) => self.after_skip(core, next),
+        }
+        used
     }
 
     /// Gathers `n` header bytes, then handles them as `h` (at once when `n` is 0).
     fn need(&mut self, core: &mut Core, n: usize, h: Hdr) {
-        self.blen = 0;
         self.unit = self.pos;
-        if n == 0 {
-            self.on_hdr(core, h, 0);
-        } else if n > MAX_HEADER_BYTES {
+        if n > MAX_HEADER_BYTES {
             self.go_opaque(core, DesyncReason::Overflow);
-        } else {
-            self.st = St::Need(n, h);
+            return;
+        }
+        self.io.gather(n, h);
+        if n == 0 {
+            self.on_hdr(core, h);
         }
     }
 
@@ -475,21 +423,20 @@ impl MainParser {
         // The bytes of the header that failed are opaque too.
         core.stats.opaque_bytes += self.pos.saturating_sub(self.unit);
         core.desync(self.unit, reason);
-        self.st = St::Opaque;
-        self.blen = 0;
+        self.io.opaque();
         self.hold = None;
     }
 
     fn schedule_replay(&mut self, core: &mut Core, from: usize) {
-        let n = self.blen - from;
+        let rest = &self.io.header()[from..];
+        let n = rest.len();
         if n > REPLAY_CAP {
             self.go_opaque(core, DesyncReason::Overflow);
             return;
         }
-        self.replay[..n].copy_from_slice(&self.buf[from..self.blen]);
+        self.replay[..n].copy_from_slice(rest);
         self.replay_len = n;
         self.pos -= n as u64;
-        self.blen = 0;
     }
 
     fn top(&mut self, core: &mut Core) {
@@ -538,12 +485,13 @@ impl MainParser {
         }
     }
 
-    /// Handles a complete header of `n` bytes in `buf`.
-    fn on_hdr(&mut self, core: &mut Core, h: Hdr, n: usize) {
+    /// Handles a complete header, in `self.io.header()`.
+    fn on_hdr(&mut self, core: &mut Core, h: Hdr) {
+        let n = self.io.header().len();
         match h {
             Hdr::Header => {
-                let version = be32(&self.buf[4..8]);
-                if be32(&self.buf[..4]) != QEMU_VM_FILE_MAGIC {
+                let version = be32(&self.io.header()[4..8]);
+                if be32(&self.io.header()[..4]) != QEMU_VM_FILE_MAGIC {
                     self.go_opaque(core, DesyncReason::UnknownChannel);
                 } else if version != QEMU_VM_FILE_VERSION {
                     self.go_opaque(core, DesyncReason::BadVersion(version));
@@ -552,14 +500,14 @@ impl MainParser {
                 }
             }
             Hdr::ConfigPeek => {
-                if self.buf[0] == QEMU_VM_CONFIGURATION {
+                if self.io.header()[0] == QEMU_VM_CONFIGURATION {
                     self.need(core, 4, Hdr::ConfigLen);
                 } else {
-                    self.top_record(core, self.buf[0]);
+                    self.top_record(core, self.io.header()[0]);
                 }
             }
             Hdr::ConfigLen => {
-                let len = be32(&self.buf[..4]);
+                let len = be32(&self.io.header()[..4]);
                 if len as usize > 255 {
                     self.go_opaque(core, DesyncReason::BadConfig);
                 } else {
@@ -567,19 +515,19 @@ impl MainParser {
                 }
             }
             Hdr::ConfigName => {
-                let p = machine_page_size(&self.buf[..n]);
+                let p = machine_page_size(self.io.header());
                 self.set_page(core, p, PageSource::Machine);
                 self.need(core, 1, Hdr::SubPeek);
             }
             Hdr::SubPeek => {
-                if self.buf[0] == QEMU_VM_SUBSECTION {
+                if self.io.header()[0] == QEMU_VM_SUBSECTION {
                     self.need(core, 1, Hdr::SubNameLen);
                 } else {
-                    self.top_record(core, self.buf[0]);
+                    self.top_record(core, self.io.header()[0]);
                 }
             }
             Hdr::SubNameLen => {
-                let len = usize::from(self.buf[0]);
+                let len = usize::from(self.io.header()[0]);
                 if len == 0 {
                     self.go_opaque(core, DesyncReason::UnknownSubsection);
                 } else {
@@ -587,7 +535,7 @@ impl MainParser {
                 }
             }
             Hdr::SubName => {
-                let name = &self.buf[..n - 4];
+                let name = &self.io.header()[..n - 4];
                 if name == CONFIG_TARGET_PAGE_BITS {
                     self.need(core, 4, Hdr::SubPageBits);
                 } else if name == CONFIG_CAPABILITIES {
@@ -599,7 +547,7 @@ impl MainParser {
                 }
             }
             Hdr::SubPageBits => {
-                let bits = be32(&self.buf[..4]);
+                let bits = be32(&self.io.header()[..4]);
                 if !(10..=16).contains(&bits) {
                     self.go_opaque(core, DesyncReason::BadConfig);
                 } else {
@@ -608,7 +556,7 @@ impl MainParser {
                 }
             }
             Hdr::SubCapCount => {
-                let count = be32(&self.buf[..4]);
+                let count = be32(&self.io.header()[..4]);
                 if count > 64 {
                     self.go_opaque(core, DesyncReason::BadConfig);
                 } else if count == 0 {
@@ -618,11 +566,11 @@ impl MainParser {
                 }
             }
             Hdr::SubCapLen(left) => {
-                let len = usize::from(self.buf[0]);
+                let len = usize::from(self.io.header()[0]);
                 self.need(core, len, Hdr::SubCapName(left));
             }
             Hdr::SubCapName(left) => {
-                if &self.buf[..n] == CAP_X_IGNORE_SHARED {
+                if self.io.header() == CAP_X_IGNORE_SHARED {
                     self.ignore_shared = true;
                 }
                 if left <= 1 {
@@ -632,10 +580,10 @@ impl MainParser {
                 }
             }
             Hdr::SubUuid => self.need(core, 1, Hdr::SubPeek),
-            Hdr::TopType => self.top_record(core, self.buf[0]),
+            Hdr::TopType => self.top_record(core, self.io.header()[0]),
             Hdr::SecFullHead(ty) => {
-                let id = be32(&self.buf[..4]);
-                let len = usize::from(self.buf[4]);
+                let id = be32(&self.io.header()[..4]);
+                let len = usize::from(self.io.header()[4]);
                 if len == 0 {
                     self.go_opaque(core, DesyncReason::BadSectionHeader);
                 } else {
@@ -643,12 +591,12 @@ impl MainParser {
                 }
             }
             Hdr::SecFullRest(ty, id) => {
-                let is_ram = &self.buf[..n - 8] == RAM_IDSTR;
+                let is_ram = &self.io.header()[..n - 8] == RAM_IDSTR;
                 self.register_section(id, is_ram);
                 self.open_section(core, id, ty, is_ram);
             }
             Hdr::SecId(ty) => {
-                let id = be32(&self.buf[..4]);
+                let id = be32(&self.io.header()[..4]);
                 let ram = match self.known_section(id) {
                     Some(ram) => ram,
                     // A recovery channel continues sections introduced on the old channel;
@@ -665,8 +613,8 @@ impl MainParser {
                 self.open_section(core, id, ty, ram);
             }
             Hdr::CmdHead => {
-                let cmd = be16(&self.buf[..2]);
-                let len = be16(&self.buf[2..4]);
+                let cmd = be16(&self.io.header()[..2]);
+                let len = be16(&self.io.header()[2..4]);
                 let bad = match cmd {
                     0 => true,
                     MIG_CMD_PACKAGED => len != PACKAGED_LEN,
@@ -684,20 +632,20 @@ impl MainParser {
             }
             Hdr::CmdBody(cmd) => self.on_command(core, cmd, n),
             Hdr::VmdescLen => {
-                let len = be32(&self.buf[..4]);
+                let len = be32(&self.io.header()[..4]);
                 self.hold = None;
-                self.st = St::Skip(u64::from(len), SkipNext::VmdescEnd);
+                self.io.skip(u64::from(len), SkipNext::VmdescEnd);
                 if len == 0 {
                     self.after_skip(core, SkipNext::VmdescEnd);
                 }
             }
             Hdr::RamW => {
-                let w = be64(&self.buf[..8]);
+                let w = be64(&self.io.header()[..8]);
                 self.rec_start = self.pos - 8;
                 self.on_ram_word(core, w);
             }
             Hdr::RamIdLen => {
-                let len = usize::from(self.buf[0]);
+                let len = usize::from(self.io.header()[0]);
                 if len == 0 {
                     self.go_opaque(core, DesyncReason::BadBlockName);
                 } else {
@@ -705,12 +653,12 @@ impl MainParser {
                 }
             }
             Hdr::RamId => {
-                let h = name_hash(&self.buf[..n]);
+                let h = name_hash(self.io.header());
                 self.cur_block = Some(self.block_index(h));
                 self.ram_body(core);
             }
             Hdr::ZeroByte => {
-                if self.buf[0] != 0 {
+                if self.io.header()[0] != 0 {
                     self.go_opaque(core, DesyncReason::BadPageRecord);
                 } else {
                     core.stats.ram.zero_pages += 1;
@@ -719,29 +667,29 @@ impl MainParser {
                 }
             }
             Hdr::XbzHead => {
-                let len = be16(&self.buf[1..3]);
-                if self.buf[0] != ENCODING_FLAG_XBZRLE || u32::from(len) > self.page_size {
+                let len = be16(&self.io.header()[1..3]);
+                if self.io.header()[0] != ENCODING_FLAG_XBZRLE || u32::from(len) > self.page_size {
                     self.go_opaque(core, DesyncReason::BadPageRecord);
                 } else {
-                    self.st = St::Skip(u64::from(len), SkipNext::XbzEnd);
+                    self.io.skip(u64::from(len), SkipNext::XbzEnd);
                     if len == 0 {
                         self.after_skip(core, SkipNext::XbzEnd);
                     }
                 }
             }
             Hdr::CompLen => {
-                let len = be32(&self.buf[..4]);
+                let len = be32(&self.io.header()[..4]);
                 if u64::from(len) > 2 * u64::from(self.page_size) + 1024 {
                     self.go_opaque(core, DesyncReason::BadPageRecord);
                 } else {
-                    self.st = St::Skip(u64::from(len), SkipNext::CompEnd);
+                    self.io.skip(u64::from(len), SkipNext::CompEnd);
                     if len == 0 {
                         self.after_skip(core, SkipNext::CompEnd);
                     }
                 }
             }
             Hdr::MemIdLen => {
-                let len = usize::from(self.buf[0]);
+                let len = usize::from(self.io.header()[0]);
                 if len == 0 {
                     self.go_opaque(core, DesyncReason::BadMemSize);
                 } else {
@@ -750,8 +698,8 @@ impl MainParser {
             }
             Hdr::MemIdRest => {
                 let name_len = n - 8;
-                let h = name_hash(&self.buf[..name_len]);
-                let used = be64(&self.buf[name_len..n]);
+                let h = name_hash(&self.io.header()[..name_len]);
+                let used = be64(&self.io.header()[name_len..n]);
                 if self.nblocks < MAX_BLOCKS {
                     self.blocks[self.nblocks] = h;
                     self.nblocks += 1;
@@ -773,16 +721,16 @@ impl MainParser {
             }
             Hdr::MemGaddr | Hdr::MemPageSizeRest => self.next_block(core),
             Hdr::MemPeek => {
-                if self.buf[0] == 0 {
+                if self.io.header()[0] == 0 {
                     self.need(core, 7, Hdr::MemPageSizeRest);
                 } else {
                     // It was the next block's name length.
-                    let len = usize::from(self.buf[0]);
+                    let len = usize::from(self.io.header()[0]);
                     self.need(core, len + 8, Hdr::MemIdRest);
                 }
             }
             Hdr::MemLastV => {
-                let v = be64(&self.buf[..8]);
+                let v = be64(&self.io.header()[..8]);
                 if v.is_power_of_two() && v >= 0x400 {
                     self.ram_word(core);
                 } else {
@@ -792,7 +740,7 @@ impl MainParser {
                 }
             }
             Hdr::FooterPeek => {
-                let b = self.buf[0];
+                let b = self.io.header()[0];
                 if b == QEMU_VM_SECTION_FOOTER {
                     self.footers = Footers::Yes;
                     self.need(core, 4, Hdr::FooterId);
@@ -805,13 +753,19 @@ impl MainParser {
                 }
             }
             Hdr::FooterId => {
-                let id = be32(&self.buf[..4]);
+                let id = be32(&self.io.header()[..4]);
                 if self.sec.map(|s| s.id) != Some(id) {
                     self.go_opaque(core, DesyncReason::BadFooter);
                 } else {
                     self.top(core);
                 }
             }
+            Hdr::FooterMark(id) => {
+                self.unit = self.pos - 1;
+                self.hold = Some(self.unit);
+                self.io.gather_more(5, Hdr::Cand(id));
+            }
+            Hdr::Cand(id) => self.check_candidate(core, id),
         }
     }
 
@@ -909,8 +863,7 @@ impl MainParser {
             self.unit = self.pos;
             self.go_opaque(core, DesyncReason::NoFooters);
         } else {
-            self.blen = 0;
-            self.st = St::Scan(id);
+            self.io.find(QEMU_VM_SECTION_FOOTER, Hdr::FooterMark(id));
         }
     }
 
@@ -919,14 +872,14 @@ impl MainParser {
         let before_downtime = matches!(core.phase, Phase::Setup | Phase::Precopy);
         match cmd {
             MIG_CMD_PING if n == 4 => {
-                let v = be32(&self.buf[..4]);
+                let v = be32(&self.io.header()[..4]);
                 if v == PING_BEFORE_PACKAGE && self.postcopy_advised && before_downtime {
                     core.set_phase(Phase::Downtime, start);
                 }
             }
             MIG_CMD_POSTCOPY_ADVISE if n == usize::from(ADVISE_RAM_LEN) => {
                 self.postcopy_advised = true;
-                let p = be64(&self.buf[8..16]);
+                let p = be64(&self.io.header()[8..16]);
                 if let Ok(p) = u32::try_from(p) {
                     self.set_page(core, p, PageSource::Advise);
                 }
@@ -942,7 +895,7 @@ impl MainParser {
                 if before_downtime {
                     core.set_phase(Phase::Downtime, start);
                 }
-                let len = be32(&self.buf[..4]);
+                let len = be32(&self.io.header()[..4]);
                 self.hold = None;
                 self.pkg_end = Some(self.pos + u64::from(len));
                 self.top(core);
@@ -967,7 +920,7 @@ impl MainParser {
     fn end_package(&mut self, core: &mut Core) {
         self.pkg_end = None;
         self.hold = None;
-        if self.st == St::Opaque {
+        if self.io.want() == Want::Opaque {
             core.set_phase(Phase::Postcopy, self.pos);
             return;
         }
@@ -992,7 +945,7 @@ impl MainParser {
                         self.count_ram(core, extra);
                         self.page_size = p;
                         self.page_src = PageSource::Default;
-                        self.st = St::Skip(skip, SkipNext::PageRetry);
+                        self.io.skip(skip, SkipNext::PageRetry);
                         return;
                     }
                     None => {
@@ -1122,7 +1075,7 @@ impl MainParser {
         self.pos = base + i as u64;
         if partial {
             self.page_body = self.pos;
-            self.st = St::Skip(page, SkipNext::PageEnd);
+            self.io.skip(page, SkipNext::PageEnd);
         } else {
             // The general path takes over at the next record: its header starts here.
             self.rec_start = self.pos;
@@ -1159,7 +1112,7 @@ impl MainParser {
             RAM_SAVE_FLAG_ZERO => self.need(core, 1, Hdr::ZeroByte),
             RAM_SAVE_FLAG_PAGE => {
                 self.page_body = self.pos;
-                self.st = St::Skip(u64::from(self.page_size), SkipNext::PageEnd);
+                self.io.skip(u64::from(self.page_size), SkipNext::PageEnd);
             }
             RAM_SAVE_FLAG_XBZRLE => self.need(core, 3, Hdr::XbzHead),
             _ => self.need(core, 4, Hdr::CompLen),
@@ -1219,9 +1172,7 @@ impl MainParser {
     /// Validates the footer candidate in `buf` for section `id`.
     fn check_candidate(&mut self, core: &mut Core, id: u32) {
         match self.candidate(id) {
-            Cand::More(n) => {
-                self.st = St::Cand(id, n);
-            }
+            Cand::More(n) => self.io.gather_more(n, Hdr::Cand(id)),
             Cand::Accept => {
                 // The footer (5 bytes) closes the section; the rest is the next record.
                 self.hold = None;
@@ -1231,13 +1182,13 @@ impl MainParser {
             Cand::Reject => {
                 self.hold = None;
                 self.schedule_replay(core, 1);
-                self.st = St::Scan(id);
+                self.io.find(QEMU_VM_SECTION_FOOTER, Hdr::FooterMark(id));
             }
         }
     }
 
     fn candidate(&self, id: u32) -> Cand {
-        let b = &self.buf[..self.blen];
+        let b = self.io.header();
         if b.len() < 5 {
             return Cand::More(5);
         }

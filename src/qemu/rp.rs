@@ -6,8 +6,9 @@
 
 use std::time::Instant;
 
+use super::stepper::{Step, Stepper, Want};
 use super::wire::*;
-use super::{Core, DesyncReason, Event, EventKind, MAX_HEADER_BYTES, Outcome, Phase, Stats};
+use super::{Core, DesyncReason, Event, EventKind, Outcome, Phase, Stats};
 
 /// Largest RECV_BITMAP the parser accepts: one bit per page of 2^40 pages.
 const MAX_BITMAP_BYTES: u64 = 1 << 37;
@@ -20,22 +21,19 @@ enum Hdr {
     BitmapEnd,
 }
 
+/// The one body skipped by count: a RECV_BITMAP bitmap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum St {
-    Need(usize, Hdr),
-    Skip(u64),
-    Opaque,
-}
+struct Bitmap;
 
 /// Parser for the destination→source bytes of the main connection.
 #[derive(Debug)]
 pub struct ReturnPathParser {
     core: Core,
-    st: St,
+    io: Stepper<Hdr, Bitmap>,
+    /// Stream offset of the next byte to consume.
     pos: u64,
+    /// Stream offset where the message being read began.
     unit: u64,
-    buf: [u8; MAX_HEADER_BYTES],
-    blen: usize,
     shut: Option<u32>,
 }
 
@@ -50,11 +48,9 @@ impl ReturnPathParser {
     pub fn new() -> Self {
         ReturnPathParser {
             core: Core::new(Phase::ReturnPath),
-            st: St::Need(4, Hdr::Msg),
+            io: Stepper::new(Want::Header(4, Hdr::Msg)),
             pos: 0,
             unit: 0,
-            buf: [0; MAX_HEADER_BYTES],
-            blen: 0,
             shut: None,
         }
     }
@@ -68,58 +64,37 @@ impl ReturnPathParser {
         self.core.stats.total_bytes += bytes.len() as u64;
         let mut i = 0;
         while i < bytes.len() {
-            let d = &bytes[i..];
-            i += match self.st {
-                St::Opaque => {
-                    self.core.stats.opaque_bytes += d.len() as u64;
-                    self.pos += d.len() as u64;
-                    d.len()
-                }
-                St::Skip(left) => {
-                    let take = left.min(d.len() as u64);
-                    self.pos += take;
-                    if left == take {
-                        self.need(8, Hdr::BitmapEnd);
-                    } else {
-                        self.st = St::Skip(left - take);
-                    }
-                    take as usize
-                }
-                St::Need(n, h) => {
-                    let take = (n - self.blen).min(d.len());
-                    self.buf[self.blen..self.blen + take].copy_from_slice(&d[..take]);
-                    self.blen += take;
-                    self.pos += take as u64;
-                    if self.blen == n {
-                        self.blen = 0;
-                        self.on_hdr(h, n);
-                    }
-                    take
-                }
-            };
+            let (used, step) = self.io.step(&bytes[i..]);
+            i += used;
+            self.pos += used as u64;
+            match step {
+                Step::Pending => {}
+                Step::Opaque => self.core.stats.opaque_bytes += used as u64,
+                Step::Header(h) => self.on_hdr(h),
+                Step::Body(Bitmap) => self.need(8, Hdr::BitmapEnd),
+            }
         }
         let total = self.core.stats.total_bytes;
         self.core.attribute(total);
     }
 
     fn need(&mut self, n: usize, h: Hdr) {
-        self.blen = 0;
         self.unit = self.pos;
+        self.io.gather(n, h);
         if n == 0 {
-            self.on_hdr(h, 0);
-        } else {
-            self.st = St::Need(n, h);
+            self.on_hdr(h);
         }
     }
 
     fn go_opaque(&mut self, reason: DesyncReason) {
         self.core.stats.opaque_bytes += self.pos.saturating_sub(self.unit);
         self.core.desync(self.unit, reason);
-        self.st = St::Opaque;
+        self.io.opaque();
     }
 
-    fn on_hdr(&mut self, h: Hdr, n: usize) {
-        let b = &self.buf;
+    fn on_hdr(&mut self, h: Hdr) {
+        let b = self.io.header();
+        let n = b.len();
         match h {
             Hdr::Msg => {
                 let kind = u16::from_be_bytes([b[0], b[1]]);
@@ -144,13 +119,15 @@ impl ReturnPathParser {
             }
             Hdr::Body(kind) => {
                 let at = self.unit;
-                let v32 = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                // SHUT and PONG carry a be32 (their length was checked to be 4).
+                let v32 = || u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
                 match kind {
                     MIG_RP_MSG_SHUT => {
-                        self.shut = Some(v32);
-                        self.core.push(at, EventKind::Shut(v32));
+                        let code = v32();
+                        self.shut = Some(code);
+                        self.core.push(at, EventKind::Shut(code));
                     }
-                    MIG_RP_MSG_PONG => self.core.push(at, EventKind::Pong(v32)),
+                    MIG_RP_MSG_PONG => self.core.push(at, EventKind::Pong(v32())),
                     MIG_RP_MSG_REQ_PAGES | MIG_RP_MSG_REQ_PAGES_ID => {
                         let len = u32::from_be_bytes([b[8], b[9], b[10], b[11]]);
                         if kind == MIG_RP_MSG_REQ_PAGES_ID && usize::from(b[12]) + 13 != n {
@@ -178,7 +155,7 @@ impl ReturnPathParser {
                 } else if size == 0 {
                     self.need(8, Hdr::BitmapEnd);
                 } else {
-                    self.st = St::Skip(size);
+                    self.io.skip(size, Bitmap);
                 }
             }
             Hdr::BitmapEnd => {
@@ -234,7 +211,8 @@ impl ReturnPathParser {
         if self.core.stats.total_bytes == 0 {
             return Outcome::Empty;
         }
-        let boundary = self.st == St::Need(4, Hdr::Msg) && self.blen == 0;
+        let boundary =
+            self.io.want() == Want::Header(4, Hdr::Msg) && self.io.gathered().is_empty();
         match self.shut {
             Some(0) if boundary => Outcome::Completed,
             Some(code) if code != 0 => Outcome::Failed { code },
