@@ -37,9 +37,9 @@
 //! over its connections; [`MultifdLedger`] corrects `normal` across multifd channels.
 
 mod multifd;
-mod stepper;
 mod parser;
 mod rp;
+mod stepper;
 pub mod wire;
 
 #[cfg(test)]

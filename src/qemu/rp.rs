@@ -211,8 +211,7 @@ impl ReturnPathParser {
         if self.core.stats.total_bytes == 0 {
             return Outcome::Empty;
         }
-        let boundary =
-            self.io.want() == Want::Header(4, Hdr::Msg) && self.io.gathered().is_empty();
+        let boundary = self.io.want() == Want::Header(4, Hdr::Msg) && self.io.gathered().is_empty();
         match self.shut {
             Some(0) if boundary => Outcome::Completed,
             Some(code) if code != 0 => Outcome::Failed { code },

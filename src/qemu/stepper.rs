@@ -177,19 +177,23 @@ mod tests {
         for cut in 1..data.len() {
             let mut s = S::new(Want::Header(4, 1));
             let mut seen = Vec::new();
-            let used = drive(&mut s, &[&data[..cut], &data[cut..]], |s, step| match step {
-                Step::Header(1) => {
-                    seen.push(s.header().to_vec());
-                    s.skip(10, 2);
-                }
-                Step::Body(2) => s.gather(6, 3),
-                Step::Header(3) => {
-                    seen.push(s.header().to_vec());
-                    s.opaque();
-                }
-                Step::Pending | Step::Opaque => {}
-                other => panic!("{other:?}"),
-            });
+            let used = drive(
+                &mut s,
+                &[&data[..cut], &data[cut..]],
+                |s, step| match step {
+                    Step::Header(1) => {
+                        seen.push(s.header().to_vec());
+                        s.skip(10, 2);
+                    }
+                    Step::Body(2) => s.gather(6, 3),
+                    Step::Header(3) => {
+                        seen.push(s.header().to_vec());
+                        s.opaque();
+                    }
+                    Step::Pending | Step::Opaque => {}
+                    other => panic!("{other:?}"),
+                },
+            );
             assert_eq!(used, data.len());
             assert_eq!(seen, vec![vec![0, 1, 2, 3], vec![14, 15, 16, 17, 18, 19]]);
         }
