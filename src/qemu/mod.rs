@@ -36,8 +36,9 @@
 //! See [`RamCounters`] for the exact byte definitions. A migration's totals are the sums
 //! over its connections; [`MultifdLedger`] corrects `normal` across multifd channels.
 
+mod bytes;
+mod main_stream;
 mod multifd;
-mod parser;
 mod rp;
 mod stepper;
 pub mod wire;
@@ -48,9 +49,9 @@ mod tests;
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use main_stream::{MainParser, Mode};
 use multifd::MultifdParser;
 pub use multifd::{MultifdLedger, MultifdPacket};
-use parser::{MainParser, Mode};
 pub use rp::ReturnPathParser;
 
 /// Most header bytes any parser holds at once (record headers, idstrs, look-ahead).

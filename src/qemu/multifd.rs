@@ -296,7 +296,7 @@ impl MultifdParser {
                     packet_num: u64::from_be_bytes([
                         b[24], b[25], b[26], b[27], b[28], b[29], b[30], b[31],
                     ]),
-                    block: super::parser::name_hash(&name[..name_len]),
+                    block: super::bytes::name_hash(&name[..name_len]),
                     normal_pages: normal,
                     first_offset: 0,
                     last_offset: 0,
