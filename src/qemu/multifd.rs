@@ -4,6 +4,7 @@
 //! Multifd packets carry no phase markers: their bytes go to the phase the owner sets with
 //! `StreamParser::follow_phase`.
 
+use super::bytes::{be32, be64, name_hash};
 use super::stepper::{Step, Stepper, Want};
 use super::wire::*;
 use super::{Core, DesyncReason, EventKind};
@@ -218,17 +219,17 @@ impl MultifdParser {
 
     fn on_hdr(&mut self, core: &mut Core, h: Hdr) {
         let b = self.io.header();
-        let be32 = |o: usize| u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let at = |o: usize| be32(&b[o..]);
         match h {
             Hdr::Init => {
-                if be32(0) != MULTIFD_MAGIC || be32(4) != MULTIFD_VERSION {
+                if at(0) != MULTIFD_MAGIC || at(4) != MULTIFD_VERSION {
                     self.go_opaque(core, DesyncReason::BadMultifdPacket);
                 } else {
                     self.next_packet();
                 }
             }
             Hdr::Common => {
-                let (magic, version, flags) = (be32(0), be32(4), be32(8));
+                let (magic, version, flags) = (at(0), at(4), at(8));
                 if magic != MULTIFD_MAGIC || version != MULTIFD_VERSION {
                     self.go_opaque(core, DesyncReason::BadMultifdPacket);
                     return;
@@ -243,11 +244,11 @@ impl MultifdParser {
                 }
             }
             Hdr::DeviceState => {
-                let size = be32(272);
+                let size = at(272);
                 self.skip(core, u64::from(size), After::PacketEnd);
             }
             Hdr::FirstOffset | Hdr::LastOffset => {
-                let off = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+                let off = be64(b);
                 let n = u64::from(self.packet.normal_pages);
                 if h == Hdr::FirstOffset {
                     self.packet.first_offset = off;
@@ -260,55 +261,55 @@ impl MultifdParser {
                 core.push(self.packet_start, EventKind::MultifdPacket(self.packet));
                 self.skip(core, self.tail, After::PacketEnd);
             }
-            Hdr::Ram => {
-                let (pages_alloc, normal, next_size, zero) =
-                    (be32(12), be32(16), be32(20), be32(32));
-                if !self.page_known
-                    && pages_alloc.is_power_of_two()
-                    && (8..=512).contains(&pages_alloc)
-                {
-                    // 7.2-9.x: pages_alloc is the packet's page count, so it gives P.
-                    self.page_size = (MULTIFD_PACKET_SIZE / u64::from(pages_alloc)) as u32;
-                    self.page_known = true;
-                }
-                let count = self.page_count();
-                let used = u64::from(normal) + u64::from(zero);
-                let compressed = self.flags & MULTIFD_FLAG_COMPRESSION_MASK != 0;
-                let max_payload = count * u64::from(self.page_size);
-                // QEMU reads a payload only for packets with normal pages (7.2 leaves a stale
-                // next_packet_size in empty SYNC packets).
-                let payload = if normal == 0 {
-                    0
-                } else if compressed {
-                    u64::from(next_size)
-                } else {
-                    u64::from(normal) * u64::from(self.page_size)
-                };
-                if used > count || payload > 2 * max_payload + 4096 {
-                    self.go_opaque(core, DesyncReason::BadMultifdPacket);
-                    return;
-                }
-                core.stats.ram.normal_pages += u64::from(normal);
-                core.stats.ram.zero_pages += u64::from(zero);
-                let name = &b[64..MULTIFD_PACKET_FIXED_LEN];
-                let name_len = name.iter().position(|&c| c == 0).unwrap_or(name.len());
-                self.packet = MultifdPacket {
-                    packet_num: u64::from_be_bytes([
-                        b[24], b[25], b[26], b[27], b[28], b[29], b[30], b[31],
-                    ]),
-                    block: super::bytes::name_hash(&name[..name_len]),
-                    normal_pages: normal,
-                    first_offset: 0,
-                    last_offset: 0,
-                };
-                // Offsets of the normal pages come first in the array.
-                self.tail = 8 * (count - u64::from(normal)) + payload;
-                if normal == 0 {
-                    self.skip(core, self.tail, After::PacketEnd);
-                } else {
-                    self.io.gather(8, Hdr::FirstOffset);
-                }
-            }
+            Hdr::Ram => self.on_ram_header(core),
+        }
+    }
+
+    /// The fixed RAM packet header is complete: count its pages, then read the offsets of
+    /// the first and last normal page and skip the rest of the packet.
+    fn on_ram_header(&mut self, core: &mut Core) {
+        let b = self.io.header();
+        let at = |o: usize| be32(&b[o..]);
+        let (pages_alloc, normal, next_size, zero) = (at(12), at(16), at(20), at(32));
+        if !self.page_known && pages_alloc.is_power_of_two() && (8..=512).contains(&pages_alloc) {
+            // 7.2-9.x: pages_alloc is the packet's page count, so it gives P.
+            self.page_size = (MULTIFD_PACKET_SIZE / u64::from(pages_alloc)) as u32;
+            self.page_known = true;
+        }
+        let count = self.page_count();
+        let used = u64::from(normal) + u64::from(zero);
+        let compressed = self.flags & MULTIFD_FLAG_COMPRESSION_MASK != 0;
+        let max_payload = count * u64::from(self.page_size);
+        // QEMU reads a payload only for packets with normal pages (7.2 leaves a stale
+        // next_packet_size in empty SYNC packets).
+        let payload = if normal == 0 {
+            0
+        } else if compressed {
+            u64::from(next_size)
+        } else {
+            u64::from(normal) * u64::from(self.page_size)
+        };
+        if used > count || payload > 2 * max_payload + 4096 {
+            self.go_opaque(core, DesyncReason::BadMultifdPacket);
+            return;
+        }
+        core.stats.ram.normal_pages += u64::from(normal);
+        core.stats.ram.zero_pages += u64::from(zero);
+        let name = &b[64..MULTIFD_PACKET_FIXED_LEN];
+        let name_len = name.iter().position(|&c| c == 0).unwrap_or(name.len());
+        self.packet = MultifdPacket {
+            packet_num: be64(&b[24..]),
+            block: name_hash(&name[..name_len]),
+            normal_pages: normal,
+            first_offset: 0,
+            last_offset: 0,
+        };
+        // Offsets of the normal pages come first in the array.
+        self.tail = 8 * (count - u64::from(normal)) + payload;
+        if normal == 0 {
+            self.skip(core, self.tail, After::PacketEnd);
+        } else {
+            self.io.gather(8, Hdr::FirstOffset);
         }
     }
 }

@@ -6,6 +6,7 @@
 
 use std::time::Instant;
 
+use super::bytes::{be16, be32, be64};
 use super::stepper::{Step, Stepper, Want};
 use super::wire::*;
 use super::{Core, DesyncReason, Event, EventKind, Outcome, Phase, Stats};
@@ -94,11 +95,10 @@ impl ReturnPathParser {
 
     fn on_hdr(&mut self, h: Hdr) {
         let b = self.io.header();
-        let n = b.len();
         match h {
             Hdr::Msg => {
-                let kind = u16::from_be_bytes([b[0], b[1]]);
-                let len = u16::from_be_bytes([b[2], b[3]]);
+                let kind = be16(b);
+                let len = be16(&b[2..]);
                 let ok = match kind {
                     MIG_RP_MSG_SHUT | MIG_RP_MSG_PONG | MIG_RP_MSG_RESUME_ACK => len == 4,
                     MIG_RP_MSG_REQ_PAGES => len == 12,
@@ -117,39 +117,9 @@ impl ReturnPathParser {
                     self.unit = start;
                 }
             }
-            Hdr::Body(kind) => {
-                let at = self.unit;
-                // SHUT and PONG carry a be32 (their length was checked to be 4).
-                let v32 = || u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-                match kind {
-                    MIG_RP_MSG_SHUT => {
-                        let code = v32();
-                        self.shut = Some(code);
-                        self.core.push(at, EventKind::Shut(code));
-                    }
-                    MIG_RP_MSG_PONG => self.core.push(at, EventKind::Pong(v32())),
-                    MIG_RP_MSG_REQ_PAGES | MIG_RP_MSG_REQ_PAGES_ID => {
-                        let len = u32::from_be_bytes([b[8], b[9], b[10], b[11]]);
-                        if kind == MIG_RP_MSG_REQ_PAGES_ID && usize::from(b[12]) + 13 != n {
-                            self.go_opaque(DesyncReason::BadRpMessage {
-                                kind,
-                                len: n as u16,
-                            });
-                            return;
-                        }
-                        self.core.stats.ram.page_requests += 1;
-                        self.core.push(at, EventKind::PageRequest { len });
-                    }
-                    MIG_RP_MSG_RECV_BITMAP => {
-                        self.need(8, Hdr::BitmapSize);
-                        return;
-                    }
-                    _ => {}
-                }
-                self.need(4, Hdr::Msg);
-            }
+            Hdr::Body(kind) => self.on_message(kind),
             Hdr::BitmapSize => {
-                let size = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+                let size = be64(b);
                 if size % 8 != 0 || size > MAX_BITMAP_BYTES {
                     self.go_opaque(DesyncReason::BadBitmapTrailer);
                 } else if size == 0 {
@@ -159,7 +129,7 @@ impl ReturnPathParser {
                 }
             }
             Hdr::BitmapEnd => {
-                let mark = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+                let mark = be64(b);
                 if mark != RAMBLOCK_RECV_BITMAP_ENDING {
                     self.go_opaque(DesyncReason::BadBitmapTrailer);
                 } else {
@@ -167,6 +137,41 @@ impl ReturnPathParser {
                 }
             }
         }
+    }
+
+    /// The payload of a message of type `kind` is complete.
+    fn on_message(&mut self, kind: u16) {
+        let b = self.io.header();
+        let n = b.len();
+        let at = self.unit;
+        // SHUT and PONG carry a be32 (their length was checked to be 4).
+        let v32 = || be32(b);
+        match kind {
+            MIG_RP_MSG_SHUT => {
+                let code = v32();
+                self.shut = Some(code);
+                self.core.push(at, EventKind::Shut(code));
+            }
+            MIG_RP_MSG_PONG => self.core.push(at, EventKind::Pong(v32())),
+            MIG_RP_MSG_REQ_PAGES | MIG_RP_MSG_REQ_PAGES_ID => {
+                let len = be32(&b[8..]);
+                if kind == MIG_RP_MSG_REQ_PAGES_ID && usize::from(b[12]) + 13 != n {
+                    self.go_opaque(DesyncReason::BadRpMessage {
+                        kind,
+                        len: n as u16,
+                    });
+                    return;
+                }
+                self.core.stats.ram.page_requests += 1;
+                self.core.push(at, EventKind::PageRequest { len });
+            }
+            MIG_RP_MSG_RECV_BITMAP => {
+                self.need(8, Hdr::BitmapSize);
+                return;
+            }
+            _ => {}
+        }
+        self.need(4, Hdr::Msg);
     }
 
     /// The return path closed: settles the [`Outcome`].
