@@ -23,7 +23,7 @@
 //! * Outputs are pulled: [`StreamParser::stats`] (byte tallies and counters),
 //!   [`StreamParser::outcome`] and discrete [`Event`]s from `poll_event()`.
 //!
-//! # Phases (main channel, doc §5)
+//! # Phases (main channel, docs/qemu-stream.md §5)
 //! [`Phase::Setup`] from the first byte; [`Phase::Precopy`] at the first PART section;
 //! [`Phase::Downtime`] at the first of SWITCHOVER_START, END (before postcopy), FULL after a
 //! PART, POSTCOPY_RAM_DISCARD, PING 2 after ADVISE(16), PACKAGED or EOF; [`Phase::Postcopy`]
@@ -99,7 +99,8 @@ impl Phase {
     }
 }
 
-/// What a connection carries, recognised from its first source→destination bytes (doc §8).
+/// What a connection carries, recognised from its first source→destination bytes
+/// (docs/qemu-stream.md §8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ChannelKind {
     /// A fresh main channel (`QEVM` header).
@@ -386,9 +387,9 @@ pub struct Stats {
     pub opaque_bytes: u64,
     /// The target page size P once known (learned, assumed then validated, or given).
     pub page_size: Option<u32>,
-    /// Pre-copy passes seen: 1 + wraps of the page scan (doc §3.3); 0 before the first
-    /// PART. Relation to QEMU 7.2's `dirty-sync-count` on the captures (one sync at setup,
-    /// one per wrap, then the final ones): `passes + 2` for a precopy completion,
+    /// Pre-copy passes seen: 1 + wraps of the page scan (docs/qemu-stream.md §3.3); 0 before
+    /// the first PART. Relation to QEMU 7.2's `dirty-sync-count` on the captures (one sync at
+    /// setup, one per wrap, then the final ones): `passes + 2` for a precopy completion,
     /// `passes + 1` for a postcopy switch and for the multifd precopy capture.
     pub passes: u32,
     /// QEMU's RAM counters.

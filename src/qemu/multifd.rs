@@ -1,5 +1,6 @@
-//! Multifd channels (doc §7): a 64-byte initial packet, then packets of a fixed-size header
-//! (320 + 8·524288/P bytes for RAM, 276 for device state) and a payload skipped by count.
+//! Multifd channels (docs/qemu-stream.md §7): a 64-byte initial packet, then packets of a
+//! fixed-size header (320 + 8·524288/P bytes for RAM, 276 for device state) and a payload
+//! skipped by count.
 //!
 //! Multifd packets carry no phase markers: their bytes go to the phase the owner sets with
 //! `StreamParser::follow_phase`.

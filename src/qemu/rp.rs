@@ -1,4 +1,5 @@
-//! The return path: destination→source messages on the main connection (doc §6).
+//! The return path: destination→source messages on the main connection
+//! (docs/qemu-stream.md §6).
 //!
 //! Each message is be16 type, be16 length (≤ 512), payload. RECV_BITMAP is followed, outside
 //! that framing, by be64 size S, S bytes of bitmap (skipped by count) and a be64 end mark.

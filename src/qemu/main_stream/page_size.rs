@@ -28,7 +28,7 @@ impl PageSource {
     }
 }
 
-/// Page size implied by a machine type (§3.2 step 3).
+/// Page size implied by a machine type (docs/qemu-stream.md §3.2 step 3).
 pub(super) fn machine_page_size(name: &[u8]) -> u32 {
     let starts = |p: &[u8]| name.starts_with(p);
     if starts(b"clipper") || starts(b"sun4u") || starts(b"sun4v") || starts(b"niagara") {
@@ -52,8 +52,8 @@ impl MainParser {
     }
 
     /// Checks the page size on `w`, the RAM word right after a PAGE or XBZRLE record
-    /// (§3.2 step 4). Returns whether `w` may be parsed as a RAM word; otherwise the parser
-    /// moved on (re-reading after a larger page, or opaque).
+    /// (docs/qemu-stream.md §3.2 step 4). Returns whether `w` may be parsed as a RAM word;
+    /// otherwise the parser moved on (re-reading after a larger page, or opaque).
     pub(super) fn check_page_size(&mut self, core: &mut Core, w: u64) -> bool {
         if ram_flags(w, self.page_size).is_none() && !self.page_confirmed {
             // The page was longer than assumed: try the next candidate size.

@@ -1,7 +1,7 @@
 //! The `ram` section payload (docs/qemu-stream.md §3): RAM records, each a be64 word of
 //! page offset and flags, an idstr unless CONTINUE, and a body (ZERO: 1 byte, PAGE: P bytes,
-//! XBZRLE and COMPRESS: counted); RAM byte counting per phase (§5); and the in-place fast
-//! path for runs of ZERO and PAGE records.
+//! XBZRLE and COMPRESS: counted); RAM byte counting per phase (docs/qemu-stream.md §5); and
+//! the in-place fast path for runs of ZERO and PAGE records.
 
 use super::super::bytes::{be16, be32, be64, name_hash};
 use super::super::wire::*;
@@ -215,8 +215,8 @@ impl MainParser {
         self.ram_word(core);
     }
 
-    /// Adds RAM record bytes to QEMU's counter for the current phase (§5, the mapping to
-    /// `query-migrate`).
+    /// Adds RAM record bytes to QEMU's counter for the current phase (docs/qemu-stream.md §5,
+    /// the mapping to `query-migrate`).
     pub(super) fn count_ram(&mut self, core: &mut Core, n: u64) {
         let ram = &mut core.stats.ram;
         if self.mode == Mode::Preempt {

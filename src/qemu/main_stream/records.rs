@@ -1,6 +1,7 @@
 //! Top-level records (docs/qemu-stream.md §2): the record type byte, section headers and
-//! footers, EOF and the VMDESCRIPTION, and the phase each record starts (§5). Commands are
-//! in [`super::commands`], the `ram` payload in [`super::ram`].
+//! footers, EOF and the VMDESCRIPTION, and the phase each record starts
+//! (docs/qemu-stream.md §5). Commands are in [`super::commands`], the `ram` payload in
+//! [`super::ram`].
 
 use super::super::bytes::be32;
 use super::super::wire::*;
@@ -223,7 +224,8 @@ impl MainParser {
         self.top(core);
     }
 
-    /// A section record of type `ty` at `start`: the phase it starts (§5), then its header.
+    /// A section record of type `ty` at `start`: the phase it starts
+    /// (docs/qemu-stream.md §5), then its header.
     fn section_header(&mut self, core: &mut Core, ty: SecType, start: u64) {
         let before_downtime = matches!(core.phase, Phase::Setup | Phase::Precopy);
         match ty {
@@ -238,7 +240,7 @@ impl MainParser {
                     core.set_phase(Phase::Precopy, start);
                 }
                 if !self.seen_part && core.phase == Phase::Precopy {
-                    // The first PART starts pass 1 (§3.3).
+                    // The first PART starts pass 1 (docs/qemu-stream.md §3.3).
                     core.stats.passes = 1;
                     core.push(start, EventKind::PassStarted { pass: 1 });
                 }
