@@ -35,6 +35,14 @@
 //! # Counters (checked against QEMU 7.2 `query-migrate` on real captures)
 //! See [`RamCounters`] for the exact byte definitions. A migration's totals are the sums
 //! over its connections; [`MultifdLedger`] corrects `normal` across multifd channels.
+//!
+//! # Layout
+//! `stream.rs` recognises the channel and hands its bytes on; `main_stream/` parses main,
+//! recovery and preempt channels (one file per part of the grammar), `multifd.rs` multifd
+//! channels and `rp.rs` the return path. All three take their input through `stepper.rs`
+//! (gather a header across any splits, skip a body by count). `accounting.rs` holds the
+//! tallies, phase and events they share, `wire.rs` the wire constants and `bytes.rs` the
+//! field readers.
 
 mod accounting;
 mod bytes;
