@@ -25,8 +25,8 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::qemu::{
-    ChannelKind, DesyncReason, EventKind, MultifdLedger, Outcome, ReturnPathParser, Stats,
-    StreamParser,
+    ChannelKind, DesyncReason, EventKind, MultifdLedger, Outcome, RamCounters, ReturnPathParser,
+    Stats, StreamParser,
 };
 
 /// Size of each read from a capture file (after decompression).
@@ -383,6 +383,17 @@ struct MultifdInput {
     done: bool,
 }
 
+impl MultifdInput {
+    fn open(path: &Path) -> Result<Self, InspectError> {
+        Ok(MultifdInput {
+            capture: Capture::open(path)?,
+            parser: StreamParser::new(),
+            last_packet: None,
+            done: false,
+        })
+    }
+}
+
 /// Analyses one captured migration: `main` holds the main channel's source→destination
 /// bytes, `return_path` its destination→source bytes, `multifd` the source→destination
 /// bytes of each multifd channel. Files ending in `.zst` are decompressed on the fly.
@@ -399,51 +410,23 @@ pub fn inspect(
     let mut rp_in = return_path.map(Capture::open).transpose()?;
     let mut mf_in = multifd
         .iter()
-        .map(|p| {
-            Ok(MultifdInput {
-                capture: Capture::open(p)?,
-                parser: StreamParser::new(),
-                last_packet: None,
-                done: false,
-            })
-        })
+        .map(|p| MultifdInput::open(p))
         .collect::<Result<Vec<_>, InspectError>>()?;
 
     // Offline, time only stamps events, which are not reported.
     let now = Instant::now();
     let mut ledger = MultifdLedger::new();
-    let mut total = Stats::default().ram;
-    let mut add = |s: &Stats| {
-        total.precopy_bytes += s.ram.precopy_bytes;
-        total.downtime_bytes += s.ram.downtime_bytes;
-        total.postcopy_bytes += s.ram.postcopy_bytes;
-        total.normal_pages += s.ram.normal_pages;
-        total.zero_pages += s.ram.zero_pages;
-        total.multifd_bytes += s.ram.multifd_bytes;
-        total.page_requests += s.ram.page_requests;
-    };
+    let mut total = RamCounters::default();
 
-    let mut mp = StreamParser::new();
-    while let Some(chunk) = main_in.next_chunk()? {
-        mp.feed(chunk, now);
-        drain(&mut mp, &mut ledger);
-    }
-    mp.finish(now);
-    drain(&mut mp, &mut ledger);
+    let mp = read_stream(&mut main_in, now, &mut ledger)?;
     let main_stats = *mp.stats();
-    add(&main_stats);
+    add_ram(&mut total, &main_stats);
     let mut files = vec![file_report(main, Role::Main, &mp)];
 
     let mut rp_bytes = 0;
     if let (Some(rp_in), Some(path)) = (rp_in.as_mut(), return_path) {
-        let mut rp = ReturnPathParser::new();
-        while let Some(chunk) = rp_in.next_chunk()? {
-            rp.feed(chunk, now);
-            while rp.poll_event().is_some() {}
-        }
-        rp.finish(now);
-        while rp.poll_event().is_some() {}
-        add(rp.stats());
+        let rp = read_return_path(rp_in, now)?;
+        add_ram(&mut total, rp.stats());
         rp_bytes = rp.stats().total_bytes;
         files.push(FileReport {
             path: path.to_owned(),
@@ -455,47 +438,13 @@ pub fn inspect(
         });
     }
 
-    for m in &mut mf_in {
-        if let Some(p) = main_stats.page_size {
-            m.parser.set_page_size_hint(p);
-        }
-    }
-    // Feed the channel furthest behind in packet numbers (one that has shown no packet yet
-    // first), so that every channel stays near the same packet numbers.
-    while let Some(m) = mf_in
-        .iter_mut()
-        .filter(|m| !m.done)
-        .min_by_key(|m| m.last_packet.map_or(0, |n| n.saturating_add(1)))
-    {
-        match m.capture.next_chunk()? {
-            Some(chunk) => {
-                m.parser.feed(chunk, now);
-                if let Some(n) = drain(&mut m.parser, &mut ledger) {
-                    m.last_packet = Some(n);
-                }
-            }
-            None => {
-                m.parser.finish(now);
-                drain(&mut m.parser, &mut ledger);
-                m.done = true;
-            }
-        }
-    }
+    read_multifd(&mut mf_in, main_stats.page_size, now, &mut ledger)?;
     for (m, path) in mf_in.iter().zip(multifd) {
-        add(m.parser.stats());
+        add_ram(&mut total, m.parser.stats());
         files.push(file_report(path, Role::Multifd, &m.parser));
     }
 
-    let main_outcome = InspectOutcome::from_outcome(mp.outcome());
-    let outcome = if main_outcome == InspectOutcome::Completed {
-        files[1..]
-            .iter()
-            .map(|f| InspectOutcome::from_outcome(f.outcome))
-            .find(|o| !matches!(o, InspectOutcome::Completed | InspectOutcome::Empty))
-            .unwrap_or(InspectOutcome::Completed)
-    } else {
-        main_outcome
-    };
+    let outcome = overall_outcome(mp.outcome(), &files[1..]);
     let desync = match mp.outcome() {
         Outcome::Opaque(reason) => Some(reason),
         _ => None,
@@ -535,6 +484,95 @@ pub fn inspect(
         desync,
         files,
     })
+}
+
+/// Feeds a whole capture to a fresh stream parser and finishes it.
+fn read_stream(
+    capture: &mut Capture,
+    now: Instant,
+    ledger: &mut MultifdLedger,
+) -> Result<StreamParser, InspectError> {
+    let mut p = StreamParser::new();
+    while let Some(chunk) = capture.next_chunk()? {
+        p.feed(chunk, now);
+        drain(&mut p, ledger);
+    }
+    p.finish(now);
+    drain(&mut p, ledger);
+    Ok(p)
+}
+
+/// Feeds a whole return-path capture to a fresh parser and finishes it.
+fn read_return_path(capture: &mut Capture, now: Instant) -> Result<ReturnPathParser, InspectError> {
+    let mut rp = ReturnPathParser::new();
+    while let Some(chunk) = capture.next_chunk()? {
+        rp.feed(chunk, now);
+        while rp.poll_event().is_some() {}
+    }
+    rp.finish(now);
+    while rp.poll_event().is_some() {}
+    Ok(rp)
+}
+
+/// Reads the multifd channels to their end, interleaved: the channel furthest behind in
+/// packet numbers (one that has shown no packet yet first) is fed next, so that every
+/// channel stays near the same packet numbers and the ledger sees neighbours together.
+fn read_multifd(
+    inputs: &mut [MultifdInput],
+    page_size: Option<u32>,
+    now: Instant,
+    ledger: &mut MultifdLedger,
+) -> Result<(), InspectError> {
+    for m in inputs.iter_mut() {
+        if let Some(p) = page_size {
+            m.parser.set_page_size_hint(p);
+        }
+    }
+    while let Some(m) = inputs
+        .iter_mut()
+        .filter(|m| !m.done)
+        .min_by_key(|m| m.last_packet.map_or(0, |n| n.saturating_add(1)))
+    {
+        match m.capture.next_chunk()? {
+            Some(chunk) => {
+                m.parser.feed(chunk, now);
+                if let Some(n) = drain(&mut m.parser, ledger) {
+                    m.last_packet = Some(n);
+                }
+            }
+            None => {
+                m.parser.finish(now);
+                drain(&mut m.parser, ledger);
+                m.done = true;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Adds the counters a migration sums over its files to `total`.
+fn add_ram(total: &mut RamCounters, s: &Stats) {
+    total.precopy_bytes += s.ram.precopy_bytes;
+    total.downtime_bytes += s.ram.downtime_bytes;
+    total.postcopy_bytes += s.ram.postcopy_bytes;
+    total.normal_pages += s.ram.normal_pages;
+    total.zero_pages += s.ram.zero_pages;
+    total.multifd_bytes += s.ram.multifd_bytes;
+    total.page_requests += s.ram.page_requests;
+}
+
+/// The main channel's outcome or, when it completed, that of the first other file that
+/// did not complete (an empty return-path or multifd file counts as complete).
+fn overall_outcome(main: Outcome, others: &[FileReport]) -> InspectOutcome {
+    let main_outcome = InspectOutcome::from_outcome(main);
+    if main_outcome != InspectOutcome::Completed {
+        return main_outcome;
+    }
+    others
+        .iter()
+        .map(|f| InspectOutcome::from_outcome(f.outcome))
+        .find(|o| !matches!(o, InspectOutcome::Completed | InspectOutcome::Empty))
+        .unwrap_or(InspectOutcome::Completed)
 }
 
 /// Describes a parser outcome in a few words, for the table.
@@ -616,6 +654,13 @@ impl fmt::Display for Report {
             writeln!(f, "  {name:<18} {n:>14}")?;
         }
         writeln!(f)?;
+        self.fmt_files(f)
+    }
+}
+
+impl Report {
+    /// The per-file table, when more than the main channel was given.
+    fn fmt_files(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.files.len() > 1 {
             writeln!(f, "files")?;
             for file in &self.files {

@@ -23,7 +23,7 @@
 //! * Outputs are pulled: [`StreamParser::stats`] (byte tallies and counters),
 //!   [`StreamParser::outcome`] and discrete [`Event`]s from `poll_event()`.
 //!
-//! # Phases (main channel, doc §5)
+//! # Phases (main channel, docs/qemu-stream.md §5)
 //! [`Phase::Setup`] from the first byte; [`Phase::Precopy`] at the first PART section;
 //! [`Phase::Downtime`] at the first of SWITCHOVER_START, END (before postcopy), FULL after a
 //! PART, POSTCOPY_RAM_DISCARD, PING 2 after ADVISE(16), PACKAGED or EOF; [`Phase::Postcopy`]
@@ -35,22 +35,33 @@
 //! # Counters (checked against QEMU 7.2 `query-migrate` on real captures)
 //! See [`RamCounters`] for the exact byte definitions. A migration's totals are the sums
 //! over its connections; [`MultifdLedger`] corrects `normal` across multifd channels.
+//!
+//! # Layout
+//! `stream.rs` recognises the channel and hands its bytes on; `main_stream/` parses main,
+//! recovery and preempt channels (one file per part of the grammar), `multifd.rs` multifd
+//! channels and `rp.rs` the return path. All three take their input through `stepper.rs`
+//! (gather a header across any splits, skip a body by count). `accounting.rs` holds the
+//! tallies, phase and events they share, `wire.rs` the wire constants and `bytes.rs` the
+//! field readers.
 
+mod accounting;
+mod bytes;
+mod main_stream;
 mod multifd;
-mod parser;
 mod rp;
+mod stepper;
+mod stream;
 pub mod wire;
 
 #[cfg(test)]
 mod tests;
 
-use std::collections::VecDeque;
 use std::time::Instant;
 
-use multifd::MultifdParser;
+use accounting::Core;
 pub use multifd::{MultifdLedger, MultifdPacket};
-use parser::{MainParser, Mode};
 pub use rp::ReturnPathParser;
+pub use stream::StreamParser;
 
 /// Most header bytes any parser holds at once (record headers, idstrs, look-ahead).
 pub const MAX_HEADER_BYTES: usize = 512;
@@ -128,7 +139,8 @@ impl Phase {
     }
 }
 
-/// What a connection carries, recognised from its first source→destination bytes (doc §8).
+/// What a connection carries, recognised from its first source→destination bytes
+/// (docs/qemu-stream.md §8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ChannelKind {
     /// A fresh main channel (`QEVM` header).
@@ -437,9 +449,9 @@ pub struct Stats {
     pub opaque_bytes: u64,
     /// The target page size P once known (learned, assumed then validated, or given).
     pub page_size: Option<u32>,
-    /// Pre-copy passes seen: 1 + wraps of the page scan (doc §3.3); 0 before the first
-    /// PART. Relation to QEMU 7.2's `dirty-sync-count` on the captures (one sync at setup,
-    /// one per wrap, then the final ones): `passes + 2` for a precopy completion,
+    /// Pre-copy passes seen: 1 + wraps of the page scan (docs/qemu-stream.md §3.3); 0 before
+    /// the first PART. Relation to QEMU 7.2's `dirty-sync-count` on the captures (one sync at
+    /// setup, one per wrap, then the final ones): `passes + 2` for a precopy completion,
     /// `passes + 1` for a postcopy switch and for the multifd precopy capture.
     pub passes: u32,
     /// QEMU's RAM counters.
@@ -449,383 +461,4 @@ pub struct Stats {
     pub ram_total_bytes: u64,
     /// Events dropped because more than [`MAX_QUEUED_EVENTS`] were waiting.
     pub dropped_events: u64,
-}
-
-/// Shared accounting: tallies, phase, the event queue and the outcome bookkeeping.
-#[derive(Debug)]
-struct Core {
-    stats: Stats,
-    phase: Phase,
-    /// Stream offset up to which bytes are attributed to a phase.
-    tallied: u64,
-    events: VecDeque<Event>,
-    /// The `now` of the call in progress.
-    now: Option<Instant>,
-    desync: Option<DesyncReason>,
-    finished: bool,
-}
-
-impl Core {
-    fn new(phase: Phase) -> Self {
-        Core {
-            stats: Stats::default(),
-            phase,
-            tallied: 0,
-            events: VecDeque::with_capacity(64),
-            now: None,
-            desync: None,
-            finished: false,
-        }
-    }
-
-    /// Attributes the bytes before `upto` (stream offset) to the current phase.
-    fn attribute(&mut self, upto: u64) {
-        if upto > self.tallied {
-            self.stats.phases.add(self.phase, upto - self.tallied);
-            self.tallied = upto;
-        }
-        self.stats.unattributed_bytes = self.stats.total_bytes - self.tallied;
-    }
-
-    /// Switches phase at stream offset `at`: earlier bytes stay with the old phase.
-    fn set_phase(&mut self, phase: Phase, at: u64) {
-        if phase == self.phase {
-            return;
-        }
-        self.attribute(at);
-        let from = self.phase;
-        self.phase = phase;
-        self.push(at, EventKind::PhaseChanged { from, to: phase });
-    }
-
-    fn push(&mut self, offset: u64, kind: EventKind) {
-        let Some(at) = self.now else {
-            return;
-        };
-        if self.events.len() >= MAX_QUEUED_EVENTS {
-            self.events.pop_front();
-            self.stats.dropped_events += 1;
-        }
-        self.events.push_back(Event { at, offset, kind });
-    }
-
-    fn desync(&mut self, offset: u64, reason: DesyncReason) {
-        if self.desync.is_none() {
-            self.desync = Some(reason);
-            self.push(offset, EventKind::Desync(reason));
-        }
-    }
-
-    fn set_page_size(&mut self, offset: u64, p: u32) {
-        if self.stats.page_size != Some(p) {
-            self.stats.page_size = Some(p);
-            self.push(offset, EventKind::PageSize(p));
-        }
-    }
-}
-
-/// Channel detection: the first bytes of a source→destination stream, before the kind is
-/// known.
-#[derive(Debug)]
-enum Inner {
-    Detecting { buf: [u8; 8], len: usize },
-    Main(Box<MainParser>),
-    Multifd(Box<MultifdParser>),
-    Opaque,
-}
-
-/// Parser for the source→destination bytes of one connection (any channel kind).
-#[derive(Debug)]
-pub struct StreamParser {
-    core: Core,
-    inner: Inner,
-    kind: Option<ChannelKind>,
-    page_hint: Option<u32>,
-    /// Set by `finish`: whether the stream stopped at a record boundary.
-    clean_end: Option<bool>,
-}
-
-impl Default for StreamParser {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl StreamParser {
-    /// A parser for a new connection; the channel kind is recognised from the first bytes.
-    pub fn new() -> Self {
-        StreamParser {
-            core: Core::new(Phase::Setup),
-            inner: Inner::Detecting {
-                buf: [0; 8],
-                len: 0,
-            },
-            kind: None,
-            page_hint: None,
-            clean_end: None,
-        }
-    }
-
-    /// Tells the parser the target page size learned elsewhere (e.g. from the main
-    /// channel), for channels that do not carry it: multifd packet headers are sized by it
-    /// and a preempt channel starts from it. Ignored once this channel learned its own.
-    pub fn set_page_size_hint(&mut self, page_size: u32) {
-        if !page_size.is_power_of_two()
-            || !(wire::MIN_PAGE_SIZE..=wire::MAX_PAGE_SIZE).contains(&page_size)
-        {
-            return;
-        }
-        self.page_hint = Some(page_size);
-        if let Inner::Multifd(m) = &mut self.inner {
-            m.set_page_size_hint(page_size);
-        }
-    }
-
-    /// For channels without phase markers (multifd, TLS, unknown): bytes fed from now on
-    /// belong to `phase` (typically the main channel's current phase). No effect on main,
-    /// recovery and preempt channels, which know their own phase.
-    pub fn follow_phase(&mut self, phase: Phase, now: Instant) {
-        if matches!(
-            self.kind,
-            Some(ChannelKind::Main | ChannelKind::Recovery | ChannelKind::Preempt)
-        ) || phase == Phase::ReturnPath
-        {
-            return;
-        }
-        self.core.now = Some(now);
-        let at = self.core.stats.total_bytes;
-        self.core.set_phase(phase, at);
-    }
-
-    /// Feeds the next bytes of the stream, in order. `now` stamps the events they produce.
-    pub fn feed(&mut self, bytes: &[u8], now: Instant) {
-        if bytes.is_empty() || self.core.finished {
-            return;
-        }
-        self.core.now = Some(now);
-        self.core.stats.total_bytes += bytes.len() as u64;
-        let mut rest = bytes;
-        if let Inner::Detecting { buf, len } = &mut self.inner {
-            let take = (buf.len() - *len).min(rest.len());
-            buf[*len..*len + take].copy_from_slice(&rest[..take]);
-            *len += take;
-            rest = &rest[take..];
-            let (b, n) = (*buf, *len);
-            match detect(&b[..n]) {
-                None => {
-                    self.core.attribute(0);
-                    return;
-                }
-                Some(kind) => {
-                    self.start(kind);
-                    self.feed_inner(&b[..n]);
-                }
-            }
-        }
-        self.feed_inner(rest);
-    }
-
-    /// Whether the rest of this stream is opaque (TLS, an unknown protocol, or after a
-    /// desync; opaque is final): its content is no longer looked at, only counted, so the
-    /// caller may forward it without reading it (see [`StreamParser::feed_opaque`]).
-    pub fn is_opaque(&self) -> bool {
-        match &self.inner {
-            Inner::Detecting { .. } => false,
-            Inner::Main(m) => m.is_opaque(),
-            Inner::Multifd(m) => m.is_opaque(),
-            Inner::Opaque => true,
-        }
-    }
-
-    /// Feeds `n` bytes the caller did not read, with the same effect as feeding them:
-    /// only valid while [`StreamParser::is_opaque`], where content does not matter.
-    pub fn feed_opaque(&mut self, mut n: usize, now: Instant) {
-        static FILLER: [u8; 64 * 1024] = [0; 64 * 1024];
-        debug_assert!(self.is_opaque());
-        while n > 0 {
-            let k = n.min(FILLER.len());
-            self.feed(&FILLER[..k], now);
-            n -= k;
-        }
-    }
-
-    fn start(&mut self, kind: ChannelKind) {
-        self.kind = Some(kind);
-        self.core.push(0, EventKind::Channel(kind));
-        self.inner = match kind {
-            ChannelKind::Main => {
-                // A phase set with `follow_phase` before classification does not apply.
-                self.core.set_phase(Phase::Setup, 0);
-                Inner::Main(Box::new(MainParser::new(Mode::Main, None)))
-            }
-            ChannelKind::Recovery => {
-                self.core.set_phase(Phase::Postcopy, 0);
-                Inner::Main(Box::new(MainParser::new(Mode::Recovery, self.page_hint)))
-            }
-            ChannelKind::Preempt => {
-                self.core.set_phase(Phase::Postcopy, 0);
-                Inner::Main(Box::new(MainParser::new(Mode::Preempt, self.page_hint)))
-            }
-            ChannelKind::Multifd => Inner::Multifd(Box::new(MultifdParser::new(self.page_hint))),
-            ChannelKind::Tls => {
-                self.core.desync(0, DesyncReason::Tls);
-                Inner::Opaque
-            }
-            ChannelKind::Unknown => {
-                self.core.desync(0, DesyncReason::UnknownChannel);
-                Inner::Opaque
-            }
-        };
-    }
-
-    fn feed_inner(&mut self, bytes: &[u8]) {
-        match &mut self.inner {
-            Inner::Detecting { .. } => {}
-            Inner::Main(m) => m.feed(&mut self.core, bytes),
-            Inner::Multifd(m) => m.feed(&mut self.core, bytes),
-            Inner::Opaque => {
-                self.core.stats.opaque_bytes += bytes.len() as u64;
-                let total = self.core.stats.total_bytes;
-                self.core.attribute(total);
-            }
-        }
-    }
-
-    /// The connection's source→destination side closed (FIN or reset): attributes any
-    /// pending header bytes and settles the [`Outcome`]. Bytes fed afterwards are ignored.
-    pub fn finish(&mut self, now: Instant) {
-        if self.core.finished {
-            return;
-        }
-        self.core.now = Some(now);
-        if let Inner::Detecting { buf, len } = self.inner {
-            if len > 0 {
-                // Too short to tell: classify what there is.
-                let kind = detect_final(&buf[..len]);
-                self.start(kind);
-                self.feed_inner(&buf[..len]);
-            }
-        }
-        let clean = match &mut self.inner {
-            Inner::Detecting { .. } => true,
-            Inner::Main(m) => m.finish(&mut self.core),
-            Inner::Multifd(m) => m.at_boundary(),
-            Inner::Opaque => true,
-        };
-        let total = self.core.stats.total_bytes;
-        self.core.attribute(total);
-        self.core.finished = true;
-        self.core.stats.unattributed_bytes = 0;
-        self.clean_end = Some(clean);
-    }
-
-    /// The channel kind, once recognised (after 4 to 8 bytes, or at `finish`).
-    pub fn channel(&self) -> Option<ChannelKind> {
-        self.kind
-    }
-
-    /// The phase the next byte will be attributed to (unless a record boundary changes it).
-    pub fn phase(&self) -> Phase {
-        self.core.phase
-    }
-
-    /// Counters and tallies so far.
-    pub fn stats(&self) -> &Stats {
-        &self.core.stats
-    }
-
-    /// The next queued event, oldest first.
-    pub fn poll_event(&mut self) -> Option<Event> {
-        self.core.events.pop_front()
-    }
-
-    /// How the stream ended (or [`Outcome::Running`] before `finish`).
-    pub fn outcome(&self) -> Outcome {
-        if let Some(reason) = self.core.desync {
-            return Outcome::Opaque(reason);
-        }
-        if !self.core.finished {
-            return Outcome::Running;
-        }
-        if self.core.stats.total_bytes == 0 {
-            return Outcome::Empty;
-        }
-        match (&self.inner, self.clean_end) {
-            // A main or recovery channel ends with EOF; a preempt channel may stop anywhere
-            // between records.
-            (Inner::Main(m), Some(true)) if m.mode() != Mode::Preempt && !m.saw_eof() => {
-                Outcome::Truncated
-            }
-            (_, Some(true)) => Outcome::Completed,
-            _ => Outcome::Truncated,
-        }
-    }
-}
-
-/// Recognises the channel from its first bytes; `None` while more bytes are needed.
-fn detect(b: &[u8]) -> Option<ChannelKind> {
-    let n = b.len();
-    if n == 0 {
-        return None;
-    }
-    match b[0] {
-        0x51 => prefix_kind(b, &[0x51, 0x45, 0x56, 0x4d], ChannelKind::Main),
-        0x11 => prefix_kind(b, &[0x11, 0x22, 0x33, 0x44], ChannelKind::Multifd),
-        0x16 => {
-            if n >= 2 && b[1] != 0x03 {
-                return Some(ChannelKind::Unknown);
-            }
-            if n >= 3 {
-                return Some(if b[2] <= 0x04 {
-                    ChannelKind::Tls
-                } else {
-                    ChannelKind::Unknown
-                });
-            }
-            None
-        }
-        wire::QEMU_VM_COMMAND => {
-            if n >= 2 && b[1] != 0 {
-                return Some(ChannelKind::Unknown);
-            }
-            if n >= 3 {
-                let cmd = u16::from(b[2]);
-                return Some(
-                    if cmd == wire::MIG_CMD_RECV_BITMAP || cmd == wire::MIG_CMD_POSTCOPY_RESUME {
-                        ChannelKind::Recovery
-                    } else {
-                        ChannelKind::Unknown
-                    },
-                );
-            }
-            None
-        }
-        0x00 => {
-            if n < 8 {
-                return None;
-            }
-            let w = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
-            let f = w & wire::RAM_FLAGS_MASK;
-            let page = f == wire::RAM_SAVE_FLAG_PAGE || f == wire::RAM_SAVE_FLAG_ZERO;
-            Some(if page {
-                ChannelKind::Preempt
-            } else {
-                ChannelKind::Unknown
-            })
-        }
-        _ => Some(ChannelKind::Unknown),
-    }
-}
-
-fn prefix_kind(b: &[u8], magic: &[u8; 4], kind: ChannelKind) -> Option<ChannelKind> {
-    let n = b.len().min(4);
-    if b[..n] != magic[..n] {
-        return Some(ChannelKind::Unknown);
-    }
-    (n == 4).then_some(kind)
-}
-
-/// Classification of a connection that closed before `detect` could decide.
-fn detect_final(b: &[u8]) -> ChannelKind {
-    detect(b).unwrap_or(ChannelKind::Unknown)
 }

@@ -1,11 +1,14 @@
-//! Multifd channels (doc §7): a 64-byte initial packet, then packets of a fixed-size header
-//! (320 + 8·524288/P bytes for RAM, 276 for device state) and a payload skipped by count.
+//! Multifd channels (docs/qemu-stream.md §7): a 64-byte initial packet, then packets of a
+//! fixed-size header (320 + 8·524288/P bytes for RAM, 276 for device state) and a payload
+//! skipped by count.
 //!
 //! Multifd packets carry no phase markers: their bytes go to the phase the owner sets with
 //! `StreamParser::follow_phase`.
 
+use super::bytes::{be32, be64, name_hash};
+use super::stepper::{Step, Stepper, Want};
 use super::wire::*;
-use super::{Core, DesyncReason, EventKind, MAX_HEADER_BYTES};
+use super::{Core, DesyncReason, EventKind};
 
 /// A multifd RAM packet that carried pages, as reported by [`EventKind::MultifdPacket`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,21 +109,14 @@ enum After {
     PacketEnd,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum St {
-    Need(usize, Hdr),
-    Skip(u64, After),
-    Opaque,
-}
-
 /// The multifd channel parser.
 #[derive(Debug)]
 pub(super) struct MultifdParser {
-    st: St,
+    io: Stepper<Hdr, After>,
+    /// Stream offset of the next byte to consume.
     pos: u64,
+    /// Stream offset where the packet being read began.
     unit: u64,
-    buf: [u8; MAX_HEADER_BYTES],
-    blen: usize,
     page_size: u32,
     /// Whether `page_size` was given (or learned from a header) rather than assumed.
     page_known: bool,
@@ -136,11 +132,9 @@ pub(super) struct MultifdParser {
 impl MultifdParser {
     pub(super) fn new(page_hint: Option<u32>) -> Self {
         MultifdParser {
-            st: St::Need(MULTIFD_INIT_LEN, Hdr::Init),
+            io: Stepper::new(Want::Header(MULTIFD_INIT_LEN, Hdr::Init)),
             pos: 0,
             unit: 0,
-            buf: [0; MAX_HEADER_BYTES],
-            blen: 0,
             page_size: page_hint.unwrap_or(DEFAULT_PAGE_SIZE),
             page_known: page_hint.is_some(),
             flags: 0,
@@ -163,7 +157,8 @@ impl MultifdParser {
 
     /// Whether the channel stands between two packets.
     pub(super) fn at_boundary(&self) -> bool {
-        matches!(self.st, St::Need(_, Hdr::Common) | St::Opaque) && self.blen == 0
+        matches!(self.io.want(), Want::Header(_, Hdr::Common) | Want::Opaque)
+            && self.io.gathered().is_empty()
     }
 
     fn page_count(&self) -> u64 {
@@ -173,60 +168,38 @@ impl MultifdParser {
     pub(super) fn feed(&mut self, core: &mut Core, data: &[u8]) {
         let mut i = 0;
         while i < data.len() {
-            let d = &data[i..];
-            i += match self.st {
-                St::Opaque => {
-                    core.stats.opaque_bytes += d.len() as u64;
-                    self.pos += d.len() as u64;
-                    d.len()
-                }
-                St::Skip(left, after) => {
-                    let take = left.min(d.len() as u64);
-                    self.pos += take;
-                    if take == left {
-                        self.after_skip(core, after);
-                    } else {
-                        self.st = St::Skip(left - take, after);
-                    }
-                    take as usize
-                }
-                St::Need(n, h) => {
-                    let take = (n - self.blen).min(d.len());
-                    self.buf[self.blen..self.blen + take].copy_from_slice(&d[..take]);
-                    self.blen += take;
-                    self.pos += take as u64;
-                    if self.blen == n {
-                        self.on_hdr(core, h);
-                    }
-                    take
-                }
-            };
+            let (used, step) = self.io.step(&data[i..]);
+            i += used;
+            self.pos += used as u64;
+            match step {
+                Step::Pending => {}
+                Step::Opaque => core.stats.opaque_bytes += used as u64,
+                Step::Header(h) => self.on_hdr(core, h),
+                Step::Body(after) => self.after_skip(core, after),
+            }
         }
         core.attribute(self.pos);
     }
 
     /// Opaque for good: the rest of the stream is only counted.
     pub(super) fn is_opaque(&self) -> bool {
-        self.st == St::Opaque
+        self.io.want() == Want::Opaque
     }
 
     fn go_opaque(&mut self, core: &mut Core, reason: DesyncReason) {
         core.stats.opaque_bytes += self.pos - self.unit;
         core.desync(self.unit, reason);
-        self.st = St::Opaque;
-        self.blen = 0;
+        self.io.opaque();
     }
 
     fn next_packet(&mut self) {
-        self.blen = 0;
         self.unit = self.pos;
         self.packet_start = self.pos;
-        self.st = St::Need(12, Hdr::Common);
+        self.io.gather(12, Hdr::Common);
     }
 
     fn skip(&mut self, core: &mut Core, n: u64, after: After) {
-        self.blen = 0;
-        self.st = St::Skip(n, after);
+        self.io.skip(n, after);
         if n == 0 {
             self.after_skip(core, after);
         }
@@ -234,10 +207,7 @@ impl MultifdParser {
 
     fn after_skip(&mut self, core: &mut Core, after: After) {
         match after {
-            After::LastOffset => {
-                self.blen = 0;
-                self.st = St::Need(8, Hdr::LastOffset);
-            }
+            After::LastOffset => self.io.gather(8, Hdr::LastOffset),
             After::PacketEnd => self.packet_done(core),
         }
     }
@@ -249,35 +219,37 @@ impl MultifdParser {
     }
 
     fn on_hdr(&mut self, core: &mut Core, h: Hdr) {
-        let b = &self.buf;
-        let be32 = |o: usize| u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let b = self.io.header();
+        let at = |o: usize| be32(&b[o..]);
         match h {
             Hdr::Init => {
-                if be32(0) != MULTIFD_MAGIC || be32(4) != MULTIFD_VERSION {
+                if at(0) != MULTIFD_MAGIC || at(4) != MULTIFD_VERSION {
                     self.go_opaque(core, DesyncReason::BadMultifdPacket);
                 } else {
                     self.next_packet();
                 }
             }
             Hdr::Common => {
-                let (magic, version, flags) = (be32(0), be32(4), be32(8));
+                let (magic, version, flags) = (at(0), at(4), at(8));
                 if magic != MULTIFD_MAGIC || version != MULTIFD_VERSION {
                     self.go_opaque(core, DesyncReason::BadMultifdPacket);
                     return;
                 }
                 self.flags = flags;
+                // The rest of the header follows the common part in the same buffer.
                 if flags & MULTIFD_FLAG_DEVICE_STATE != 0 {
-                    self.st = St::Need(MULTIFD_DEVICE_STATE_HDR_LEN, Hdr::DeviceState);
+                    self.io
+                        .gather_more(MULTIFD_DEVICE_STATE_HDR_LEN, Hdr::DeviceState);
                 } else {
-                    self.st = St::Need(MULTIFD_PACKET_FIXED_LEN, Hdr::Ram);
+                    self.io.gather_more(MULTIFD_PACKET_FIXED_LEN, Hdr::Ram);
                 }
             }
             Hdr::DeviceState => {
-                let size = be32(272);
+                let size = at(272);
                 self.skip(core, u64::from(size), After::PacketEnd);
             }
             Hdr::FirstOffset | Hdr::LastOffset => {
-                let off = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+                let off = be64(b);
                 let n = u64::from(self.packet.normal_pages);
                 if h == Hdr::FirstOffset {
                     self.packet.first_offset = off;
@@ -290,56 +262,55 @@ impl MultifdParser {
                 core.push(self.packet_start, EventKind::MultifdPacket(self.packet));
                 self.skip(core, self.tail, After::PacketEnd);
             }
-            Hdr::Ram => {
-                let (pages_alloc, normal, next_size, zero) =
-                    (be32(12), be32(16), be32(20), be32(32));
-                if !self.page_known
-                    && pages_alloc.is_power_of_two()
-                    && (8..=512).contains(&pages_alloc)
-                {
-                    // 7.2-9.x: pages_alloc is the packet's page count, so it gives P.
-                    self.page_size = (MULTIFD_PACKET_SIZE / u64::from(pages_alloc)) as u32;
-                    self.page_known = true;
-                }
-                let count = self.page_count();
-                let used = u64::from(normal) + u64::from(zero);
-                let compressed = self.flags & MULTIFD_FLAG_COMPRESSION_MASK != 0;
-                let max_payload = count * u64::from(self.page_size);
-                // QEMU reads a payload only for packets with normal pages (7.2 leaves a stale
-                // next_packet_size in empty SYNC packets).
-                let payload = if normal == 0 {
-                    0
-                } else if compressed {
-                    u64::from(next_size)
-                } else {
-                    u64::from(normal) * u64::from(self.page_size)
-                };
-                if used > count || payload > 2 * max_payload + 4096 {
-                    self.go_opaque(core, DesyncReason::BadMultifdPacket);
-                    return;
-                }
-                core.stats.ram.normal_pages += u64::from(normal);
-                core.stats.ram.zero_pages += u64::from(zero);
-                let name = &b[64..MULTIFD_PACKET_FIXED_LEN];
-                let name_len = name.iter().position(|&c| c == 0).unwrap_or(name.len());
-                self.packet = MultifdPacket {
-                    packet_num: u64::from_be_bytes([
-                        b[24], b[25], b[26], b[27], b[28], b[29], b[30], b[31],
-                    ]),
-                    block: super::parser::name_hash(&name[..name_len]),
-                    normal_pages: normal,
-                    first_offset: 0,
-                    last_offset: 0,
-                };
-                // Offsets of the normal pages come first in the array.
-                self.tail = 8 * (count - u64::from(normal)) + payload;
-                if normal == 0 {
-                    self.skip(core, self.tail, After::PacketEnd);
-                } else {
-                    self.blen = 0;
-                    self.st = St::Need(8, Hdr::FirstOffset);
-                }
-            }
+            Hdr::Ram => self.on_ram_header(core),
+        }
+    }
+
+    /// The fixed RAM packet header is complete: count its pages, then read the offsets of
+    /// the first and last normal page and skip the rest of the packet.
+    fn on_ram_header(&mut self, core: &mut Core) {
+        let b = self.io.header();
+        let at = |o: usize| be32(&b[o..]);
+        let (pages_alloc, normal, next_size, zero) = (at(12), at(16), at(20), at(32));
+        if !self.page_known && pages_alloc.is_power_of_two() && (8..=512).contains(&pages_alloc) {
+            // 7.2-9.x: pages_alloc is the packet's page count, so it gives P.
+            self.page_size = (MULTIFD_PACKET_SIZE / u64::from(pages_alloc)) as u32;
+            self.page_known = true;
+        }
+        let count = self.page_count();
+        let used = u64::from(normal) + u64::from(zero);
+        let compressed = self.flags & MULTIFD_FLAG_COMPRESSION_MASK != 0;
+        let max_payload = count * u64::from(self.page_size);
+        // QEMU reads a payload only for packets with normal pages (7.2 leaves a stale
+        // next_packet_size in empty SYNC packets).
+        let payload = if normal == 0 {
+            0
+        } else if compressed {
+            u64::from(next_size)
+        } else {
+            u64::from(normal) * u64::from(self.page_size)
+        };
+        if used > count || payload > 2 * max_payload + 4096 {
+            self.go_opaque(core, DesyncReason::BadMultifdPacket);
+            return;
+        }
+        core.stats.ram.normal_pages += u64::from(normal);
+        core.stats.ram.zero_pages += u64::from(zero);
+        let name = &b[64..MULTIFD_PACKET_FIXED_LEN];
+        let name_len = name.iter().position(|&c| c == 0).unwrap_or(name.len());
+        self.packet = MultifdPacket {
+            packet_num: be64(&b[24..]),
+            block: name_hash(&name[..name_len]),
+            normal_pages: normal,
+            first_offset: 0,
+            last_offset: 0,
+        };
+        // Offsets of the normal pages come first in the array.
+        self.tail = 8 * (count - u64::from(normal)) + payload;
+        if normal == 0 {
+            self.skip(core, self.tail, After::PacketEnd);
+        } else {
+            self.io.gather(8, Hdr::FirstOffset);
         }
     }
 }

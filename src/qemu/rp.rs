@@ -1,4 +1,5 @@
-//! The return path: destination→source messages on the main connection (doc §6).
+//! The return path: destination→source messages on the main connection
+//! (docs/qemu-stream.md §6).
 //!
 //! Each message is be16 type, be16 length (≤ 512), payload. RECV_BITMAP is followed, outside
 //! that framing, by be64 size S, S bytes of bitmap (skipped by count) and a be64 end mark.
@@ -6,8 +7,10 @@
 
 use std::time::Instant;
 
+use super::bytes::{be16, be32, be64};
+use super::stepper::{Step, Stepper, Want};
 use super::wire::*;
-use super::{Core, DesyncReason, Event, EventKind, MAX_HEADER_BYTES, Outcome, Phase, Stats};
+use super::{Core, DesyncReason, Event, EventKind, Outcome, Phase, Stats};
 
 /// Largest RECV_BITMAP the parser accepts: one bit per page of 2^40 pages.
 const MAX_BITMAP_BYTES: u64 = 1 << 37;
@@ -20,22 +23,19 @@ enum Hdr {
     BitmapEnd,
 }
 
+/// The one body skipped by count: a RECV_BITMAP bitmap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum St {
-    Need(usize, Hdr),
-    Skip(u64),
-    Opaque,
-}
+struct Bitmap;
 
 /// Parser for the destination→source bytes of the main connection.
 #[derive(Debug)]
 pub struct ReturnPathParser {
     core: Core,
-    st: St,
+    io: Stepper<Hdr, Bitmap>,
+    /// Stream offset of the next byte to consume.
     pos: u64,
+    /// Stream offset where the message being read began.
     unit: u64,
-    buf: [u8; MAX_HEADER_BYTES],
-    blen: usize,
     shut: Option<u32>,
 }
 
@@ -50,11 +50,9 @@ impl ReturnPathParser {
     pub fn new() -> Self {
         ReturnPathParser {
             core: Core::new(Phase::ReturnPath),
-            st: St::Need(4, Hdr::Msg),
+            io: Stepper::new(Want::Header(4, Hdr::Msg)),
             pos: 0,
             unit: 0,
-            buf: [0; MAX_HEADER_BYTES],
-            blen: 0,
             shut: None,
         }
     }
@@ -68,62 +66,40 @@ impl ReturnPathParser {
         self.core.stats.total_bytes += bytes.len() as u64;
         let mut i = 0;
         while i < bytes.len() {
-            let d = &bytes[i..];
-            i += match self.st {
-                St::Opaque => {
-                    self.core.stats.opaque_bytes += d.len() as u64;
-                    self.pos += d.len() as u64;
-                    d.len()
-                }
-                St::Skip(left) => {
-                    let take = left.min(d.len() as u64);
-                    self.pos += take;
-                    if left == take {
-                        self.need(8, Hdr::BitmapEnd);
-                    } else {
-                        self.st = St::Skip(left - take);
-                    }
-                    take as usize
-                }
-                St::Need(n, h) => {
-                    let take = (n - self.blen).min(d.len());
-                    self.buf[self.blen..self.blen + take].copy_from_slice(&d[..take]);
-                    self.blen += take;
-                    self.pos += take as u64;
-                    if self.blen == n {
-                        self.blen = 0;
-                        self.on_hdr(h, n);
-                    }
-                    take
-                }
-            };
+            let (used, step) = self.io.step(&bytes[i..]);
+            i += used;
+            self.pos += used as u64;
+            match step {
+                Step::Pending => {}
+                Step::Opaque => self.core.stats.opaque_bytes += used as u64,
+                Step::Header(h) => self.on_hdr(h),
+                Step::Body(Bitmap) => self.need(8, Hdr::BitmapEnd),
+            }
         }
         let total = self.core.stats.total_bytes;
         self.core.attribute(total);
     }
 
     fn need(&mut self, n: usize, h: Hdr) {
-        self.blen = 0;
         self.unit = self.pos;
+        self.io.gather(n, h);
         if n == 0 {
-            self.on_hdr(h, 0);
-        } else {
-            self.st = St::Need(n, h);
+            self.on_hdr(h);
         }
     }
 
     fn go_opaque(&mut self, reason: DesyncReason) {
         self.core.stats.opaque_bytes += self.pos.saturating_sub(self.unit);
         self.core.desync(self.unit, reason);
-        self.st = St::Opaque;
+        self.io.opaque();
     }
 
-    fn on_hdr(&mut self, h: Hdr, n: usize) {
-        let b = &self.buf;
+    fn on_hdr(&mut self, h: Hdr) {
+        let b = self.io.header();
         match h {
             Hdr::Msg => {
-                let kind = u16::from_be_bytes([b[0], b[1]]);
-                let len = u16::from_be_bytes([b[2], b[3]]);
+                let kind = be16(b);
+                let len = be16(&b[2..]);
                 let ok = match kind {
                     MIG_RP_MSG_SHUT | MIG_RP_MSG_PONG | MIG_RP_MSG_RESUME_ACK => len == 4,
                     MIG_RP_MSG_REQ_PAGES => len == 12,
@@ -142,47 +118,19 @@ impl ReturnPathParser {
                     self.unit = start;
                 }
             }
-            Hdr::Body(kind) => {
-                let at = self.unit;
-                let v32 = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-                match kind {
-                    MIG_RP_MSG_SHUT => {
-                        self.shut = Some(v32);
-                        self.core.push(at, EventKind::Shut(v32));
-                    }
-                    MIG_RP_MSG_PONG => self.core.push(at, EventKind::Pong(v32)),
-                    MIG_RP_MSG_REQ_PAGES | MIG_RP_MSG_REQ_PAGES_ID => {
-                        let len = u32::from_be_bytes([b[8], b[9], b[10], b[11]]);
-                        if kind == MIG_RP_MSG_REQ_PAGES_ID && usize::from(b[12]) + 13 != n {
-                            self.go_opaque(DesyncReason::BadRpMessage {
-                                kind,
-                                len: n as u16,
-                            });
-                            return;
-                        }
-                        self.core.stats.ram.page_requests += 1;
-                        self.core.push(at, EventKind::PageRequest { len });
-                    }
-                    MIG_RP_MSG_RECV_BITMAP => {
-                        self.need(8, Hdr::BitmapSize);
-                        return;
-                    }
-                    _ => {}
-                }
-                self.need(4, Hdr::Msg);
-            }
+            Hdr::Body(kind) => self.on_message(kind),
             Hdr::BitmapSize => {
-                let size = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+                let size = be64(b);
                 if size % 8 != 0 || size > MAX_BITMAP_BYTES {
                     self.go_opaque(DesyncReason::BadBitmapTrailer);
                 } else if size == 0 {
                     self.need(8, Hdr::BitmapEnd);
                 } else {
-                    self.st = St::Skip(size);
+                    self.io.skip(size, Bitmap);
                 }
             }
             Hdr::BitmapEnd => {
-                let mark = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+                let mark = be64(b);
                 if mark != RAMBLOCK_RECV_BITMAP_ENDING {
                     self.go_opaque(DesyncReason::BadBitmapTrailer);
                 } else {
@@ -190,6 +138,41 @@ impl ReturnPathParser {
                 }
             }
         }
+    }
+
+    /// The payload of a message of type `kind` is complete.
+    fn on_message(&mut self, kind: u16) {
+        let b = self.io.header();
+        let n = b.len();
+        let at = self.unit;
+        // SHUT and PONG carry a be32 (their length was checked to be 4).
+        let v32 = || be32(b);
+        match kind {
+            MIG_RP_MSG_SHUT => {
+                let code = v32();
+                self.shut = Some(code);
+                self.core.push(at, EventKind::Shut(code));
+            }
+            MIG_RP_MSG_PONG => self.core.push(at, EventKind::Pong(v32())),
+            MIG_RP_MSG_REQ_PAGES | MIG_RP_MSG_REQ_PAGES_ID => {
+                let len = be32(&b[8..]);
+                if kind == MIG_RP_MSG_REQ_PAGES_ID && usize::from(b[12]) + 13 != n {
+                    self.go_opaque(DesyncReason::BadRpMessage {
+                        kind,
+                        len: n as u16,
+                    });
+                    return;
+                }
+                self.core.stats.ram.page_requests += 1;
+                self.core.push(at, EventKind::PageRequest { len });
+            }
+            MIG_RP_MSG_RECV_BITMAP => {
+                self.need(8, Hdr::BitmapSize);
+                return;
+            }
+            _ => {}
+        }
+        self.need(4, Hdr::Msg);
     }
 
     /// The return path closed: settles the [`Outcome`].
@@ -234,7 +217,7 @@ impl ReturnPathParser {
         if self.core.stats.total_bytes == 0 {
             return Outcome::Empty;
         }
-        let boundary = self.st == St::Need(4, Hdr::Msg) && self.blen == 0;
+        let boundary = self.io.want() == Want::Header(4, Hdr::Msg) && self.io.gathered().is_empty();
         match self.shut {
             Some(0) if boundary => Outcome::Completed,
             Some(code) if code != 0 => Outcome::Failed { code },

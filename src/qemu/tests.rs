@@ -288,7 +288,7 @@ fn pass_counter_counts_backward_steps_and_flushes() {
     assert_eq!(r.stats.ram.precopy_bytes, expected);
 }
 
-/// The postcopy sequence of doc §4.1 D, with a hugepage block in MEM_SIZE.
+/// The postcopy sequence of docs/qemu-stream.md §4.1 D, with a hugepage block in MEM_SIZE.
 fn postcopy_stream() -> (Vec<u8>, [u64; 3]) {
     let mut b = B::default();
     b.header("pc-i440fx-7.2");
@@ -928,10 +928,10 @@ fn mutated_streams_never_break_the_invariants() {
     }
 }
 
-/// Inputs cargo-fuzz found (fuzz/fuzz_targets/main_stream.rs), kept as regressions:
-/// a bad record right after the in-place fast path was reported at the previous record's
-/// offset when fed whole (the fast path left the header start stale), and a 512-byte
-/// command held 517 bytes unattributed, over the documented bound.
+/// Two inputs from cargo-fuzz (fuzz/fuzz_targets/main_stream.rs) at the edges of the
+/// contract: a bad record right after the in-place fast path must be reported at its own
+/// offset however the input is split (the fast path keeps the header start current), and a
+/// 512-byte command must not hold more than [`MAX_HEADER_BYTES`] unattributed.
 #[test]
 fn fuzz_regressions_split_invariant_and_bounded() {
     for data in [

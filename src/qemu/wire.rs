@@ -1,7 +1,7 @@
 //! Wire constants of the QEMU migration stream, with the QEMU source file that defines each.
 //!
-//! Values only: no parsing here. Every integer on the wire is big-endian. See
-//! `shared/docs/qemu-migration-stream.md` for the grammar these constants belong to.
+//! Values only: no parsing here. Every integer on the wire is big-endian. The grammar these
+//! constants belong to is described in `docs/qemu-stream.md`.
 
 /// Stream magic "QEVM" (`QEMU_VM_FILE_MAGIC`, `migration/savevm.c`).
 pub const QEMU_VM_FILE_MAGIC: u32 = 0x5145_564d;
@@ -139,7 +139,7 @@ pub const MULTIFD_PACKET_SIZE: u64 = 512 * 1024;
 
 /// Page size assumed for targets that do not announce it (x86, ppc64, s390x, riscv).
 pub const DEFAULT_PAGE_SIZE: u32 = 4096;
-/// Page sizes tried, in order, when the assumed one fails validation (doc §3.2).
+/// Page sizes tried, in order, when the assumed one fails validation (docs/qemu-stream.md §3.2).
 pub const PAGE_SIZE_CANDIDATES: [u32; 4] = [4096, 8192, 16384, 65536];
 /// Smallest page size QEMU supports (TARGET_PAGE_BITS_MIN 10).
 pub const MIN_PAGE_SIZE: u32 = 1024;
