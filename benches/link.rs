@@ -167,7 +167,7 @@ fn main() {
             "WARNING: could not flush the kernel's cached TCP metrics for 127.0.0.0/8 \
              (`ip tcp_metrics flush` needs root and iproute2): each run inherited the \
              reordering and cwnd the runs before it left, which inflates the senders' socket \
-             buffers and the in-band ping (see README, \"Cached TCP metrics\")"
+             buffers and the in-band ping (see docs/design.md, \"Cached TCP metrics\")"
         );
     }
     print_table(&args, &configs, &results);
