@@ -45,20 +45,16 @@ pub(super) enum Mode {
     Preempt,
 }
 
-/// Fixed-size headers gathered before acting, by the part of the grammar they belong to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Hdr {
-    Config(ConfigHdr),
-    Sub(SubHdr),
-    Record(RecordHdr),
-    Cmd(CmdHdr),
-    Ram(RamHdr),
-    Mem(MemHdr),
-    Scan(ScanHdr),
-}
-
-macro_rules! hdr_from {
+/// Declares [`Hdr`] and a `From` for each part's header type, from one list.
+macro_rules! hdr {
     ($($variant:ident($ty:ty)),* $(,)?) => {
+        /// Fixed-size headers gathered before acting, by the part of the grammar they
+        /// belong to.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        enum Hdr {
+            $($variant($ty),)*
+        }
+
         $(impl From<$ty> for Hdr {
             fn from(h: $ty) -> Self {
                 Hdr::$variant(h)
@@ -67,7 +63,7 @@ macro_rules! hdr_from {
     };
 }
 
-hdr_from!(
+hdr!(
     Config(ConfigHdr),
     Sub(SubHdr),
     Record(RecordHdr),
