@@ -27,6 +27,25 @@
 //!
 //! Costs are exact rationals (bits per second times framing ratio) carried with their
 //! remainder, so long transfers never drift, at 1 Gb/s, 10 Gb/s or any other rate.
+//!
+//! # Late wake-ups
+//! A holder that wakes late by `L` finds `L` of credit accrued meanwhile: nothing is lost as
+//! long as its chunk plus `L` fits in the burst. So the chunk size follows the host: the
+//! bucket keeps the recent worst lateness (halving every [`LATENESS_HALF_LIFE`]) and
+//! [`TokenBucket::chunk_fraction`] shrinks chunks from half the burst towards a tenth of it
+//! as wake-ups get later. On a host whose timers fire on time chunks stay large (fewer
+//! wake-ups); on one that wakes up to 90 % of the burst late they are small enough that
+//! the mean stays exact.
+//!
+//! # Fidelity
+//! The bucket also keeps the link's own ledger ([`Fidelity`]): what it carried, and every
+//! stretch of time in which some connection held data for it while the wire's credit sat
+//! full (the link could have sent and did not). That time is lost for good; it is booked
+//! to a [`Cause`]: the receiving side not taking a write ([`Cause::Destination`]), or else
+//! the link's holders waking too late ([`Cause::Late`]). Time in which no connection held
+//! data (the sender had nothing to send) is idle, never shortfall. Connections report
+//! their state through [`TokenBucket::busy`], [`TokenBucket::release`],
+//! [`TokenBucket::written`] and [`TokenBucket::idle`].
 
 use std::time::{Duration, Instant};
 
@@ -61,6 +80,14 @@ impl Shape {
     }
 }
 
+/// Largest chunk, as a share of the burst: a holder on time leaves the other half of the
+/// burst for its lateness.
+pub const MAX_CHUNK_FRACTION: f64 = 0.5;
+/// Smallest chunk, as a share of the burst: absorbs wake-ups late by up to 90 % of it.
+pub const MIN_CHUNK_FRACTION: f64 = 0.1;
+/// Chunks leave room for this multiple of the recent worst lateness.
+const LATENESS_MARGIN: f64 = 1.25;
+
 /// Exact cost parameters of a shaped link.
 #[derive(Debug, Clone, Copy)]
 struct Cost {
@@ -82,6 +109,141 @@ pub struct TokenBucket {
     /// When the wire finished the chunks actually released so far, by their release
     /// instants rather than their bookings (see [`TokenBucket::release`]).
     released: Wire,
+    /// What the link carried and lost, and how late its holders wake.
+    ledger: Ledger,
+}
+
+/// Why a backlogged link carried less than its rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Cause {
+    /// The link's own wake-ups came later than the burst could absorb (host scheduling).
+    Late,
+    /// A write to the receiving side could not proceed (the receiver, or the real path
+    /// beneath, was slower than the emulated link).
+    Destination,
+}
+
+impl Cause {
+    /// Every cause, in index order.
+    pub const ALL: [Cause; 2] = [Cause::Late, Cause::Destination];
+
+    /// The label in metrics (`cause`) and records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Late => "late",
+            Cause::Destination => "destination",
+        }
+    }
+
+    /// The cause's place in [`Cause::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Cause::Late => 0,
+            Cause::Destination => 1,
+        }
+    }
+}
+
+/// What one direction of a link carried while it had something to carry, and what it lost,
+/// cumulative since the link was made; [`Fidelity::since`] gives any stretch in between.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fidelity {
+    /// Payload bytes the shaped link carried.
+    pub carried_bytes: u64,
+    /// Their line time at the rate in force when each left.
+    pub line: Duration,
+    /// Time the link lost while backlogged, by [`Cause::index`].
+    pub lost: [Duration; 2],
+    /// Payload bytes the link could have carried in that time, by [`Cause::index`].
+    pub shortfall_bytes: [u64; 2],
+    /// Time no connection held data for the link (the sender had nothing ready).
+    pub idle: Duration,
+}
+
+impl Fidelity {
+    /// Time the link had something to carry: the line time of what it carried plus the
+    /// time it lost.
+    pub fn backlogged(&self) -> Duration {
+        self.line + self.lost.iter().sum::<Duration>()
+    }
+
+    /// Shortfall of every cause, in payload bytes.
+    pub fn shortfall_total(&self) -> u64 {
+        self.shortfall_bytes.iter().sum()
+    }
+
+    /// Carried over what the rate allowed in the backlogged time (`None` if the link was
+    /// never backlogged or is unlimited): 1.0 is a link that delivered its rate whenever
+    /// it had something to deliver.
+    pub fn ratio(&self) -> Option<f64> {
+        let want = self.carried_bytes + self.shortfall_total();
+        (want > 0).then(|| self.carried_bytes as f64 / want as f64)
+    }
+
+    /// What happened between `earlier` and this reading.
+    pub fn since(&self, earlier: &Fidelity) -> Fidelity {
+        Fidelity {
+            carried_bytes: self.carried_bytes.saturating_sub(earlier.carried_bytes),
+            line: self.line.saturating_sub(earlier.line),
+            lost: std::array::from_fn(|i| self.lost[i].saturating_sub(earlier.lost[i])),
+            shortfall_bytes: std::array::from_fn(|i| {
+                self.shortfall_bytes[i].saturating_sub(earlier.shortfall_bytes[i])
+            }),
+            idle: self.idle.saturating_sub(earlier.idle),
+        }
+    }
+
+    /// Adds another stretch's figures to these.
+    pub fn add(&mut self, o: &Fidelity) {
+        self.carried_bytes += o.carried_bytes;
+        self.line += o.line;
+        for i in 0..self.lost.len() {
+            self.lost[i] += o.lost[i];
+            self.shortfall_bytes[i] += o.shortfall_bytes[i];
+        }
+        self.idle += o.idle;
+    }
+}
+
+/// How fast the remembered worst lateness fades: a host that was late once gets its large
+/// chunks back within seconds of being on time again.
+pub const LATENESS_HALF_LIFE: Duration = Duration::from_secs(2);
+
+/// The fidelity ledger of one direction (see the module docs).
+#[derive(Debug, Clone)]
+struct Ledger {
+    /// Accounted up to here.
+    at: Instant,
+    /// Connections holding data for the link (read, not yet handed to the receiver).
+    busy: u32,
+    /// Of those, connections whose data was released and is being written.
+    writing: u32,
+    totals: Fidelity,
+    /// Sub-nanosecond remainder of `totals.line`, in units of `1/denom` ns.
+    line_frac: u128,
+    /// Recent worst lateness of a holder's wake-up, in ns, as of `late_at`.
+    late_hi_ns: f64,
+    late_at: Instant,
+}
+
+impl Ledger {
+    fn new(now: Instant) -> Ledger {
+        Ledger {
+            at: now,
+            busy: 0,
+            writing: 0,
+            totals: Fidelity::default(),
+            line_frac: 0,
+            late_hi_ns: 0.0,
+            late_at: now,
+        }
+    }
+
+    /// The remembered worst lateness, faded to `now`.
+    fn late_hi(&self, now: Instant) -> f64 {
+        let dt = now.saturating_duration_since(self.late_at).as_secs_f64();
+        self.late_hi_ns * 0.5f64.powf(dt / LATENESS_HALF_LIFE.as_secs_f64())
+    }
 }
 
 /// A wire's schedule: when it finishes what it carries, exactly.
@@ -127,6 +289,7 @@ impl TokenBucket {
             cost: Self::cost_of(&shape),
             booked: Wire::idle_at(now),
             released: Wire::idle_at(now),
+            ledger: Ledger::new(now),
         }
     }
 
@@ -153,6 +316,7 @@ impl TokenBucket {
     /// switch (unlike `tc`, which refills its bucket on change). Reservations already
     /// granted keep their release times.
     pub fn set_shape(&mut self, shape: Shape, now: Instant) {
+        self.advance(now);
         self.shape = shape;
         self.cost = Self::cost_of(&shape);
         self.booked = Wire::idle_at(self.booked.end.max(now));
@@ -187,21 +351,109 @@ impl TokenBucket {
     /// [`TokenBucket::reserve`]) fell due, at the instant `now` its holder is about to
     /// release it, and returns when it may go: `now` or earlier in steady state, later only
     /// after releases ran late by more than the burst. The holder then sleeps until that
-    /// instant and goes without asking again, so waiting chunks keep their order.
+    /// instant and goes without asking again, so waiting chunks keep their order. `due` is
+    /// the booking's instant when the holder slept until it (its lateness is learned, see
+    /// [`TokenBucket::chunk_fraction`]). The bytes count as carried, and as being written
+    /// until [`TokenBucket::written`].
     ///
     /// Applies the booking rule to release instants: a chunk ends `cost(n)` after the
     /// later of the previous release's end and `now - burst`. When releases ran late, the
     /// bookings made from now on start after the real wire, so the two clocks agree again.
-    pub fn release(&mut self, n: u64, now: Instant) -> Instant {
+    pub fn release(&mut self, n: u64, now: Instant, due: Option<Instant>) -> Instant {
+        self.advance(now);
+        self.ledger.writing += 1;
         let Some(cost) = self.cost else {
             return now;
         };
+        if let Some(due) = due {
+            let late = now.saturating_duration_since(due).as_nanos() as f64;
+            let l = &mut self.ledger;
+            l.late_hi_ns = l.late_hi(now).max(late);
+            l.late_at = l.late_at.max(now);
+        }
+        let l = &mut self.ledger;
+        l.totals.carried_bytes += n;
+        let total = u128::from(n) * cost.per_byte + l.line_frac;
+        l.line_frac = total % cost.denom;
+        l.totals.line +=
+            Duration::from_nanos((total / cost.denom).min(u128::from(u64::MAX)) as u64);
         let go = self.released.book(n, &cost, now);
         if go > self.booked.end {
             // Releases ran late: the wire lost that time; later bookings start after it.
             self.booked = self.released;
         }
         go
+    }
+
+    /// A connection now holds data for this direction (it read some while holding none).
+    pub fn busy(&mut self, now: Instant) {
+        self.advance(now);
+        self.ledger.busy += 1;
+    }
+
+    /// A connection's released data has been handed to the receiving side.
+    pub fn written(&mut self, now: Instant) {
+        self.advance(now);
+        self.ledger.writing = self.ledger.writing.saturating_sub(1);
+    }
+
+    /// A busy connection found nothing more to read: it holds no data now.
+    pub fn idle(&mut self, now: Instant) {
+        self.advance(now);
+        self.ledger.busy = self.ledger.busy.saturating_sub(1);
+    }
+
+    /// The ledger up to `now`.
+    pub fn fidelity(&mut self, now: Instant) -> Fidelity {
+        self.advance(now);
+        self.ledger.totals
+    }
+
+    /// The share of the burst a chunk should take now: half of it while holders wake on
+    /// time, down to a tenth as their recent worst lateness grows, so that a chunk plus
+    /// the lateness still fits in the burst (see the module docs).
+    pub fn chunk_fraction(&self, now: Instant) -> f64 {
+        let Some(cost) = self.cost else {
+            return MAX_CHUNK_FRACTION;
+        };
+        let tau = cost.tau.as_nanos() as f64;
+        if tau <= 0.0 {
+            return MAX_CHUNK_FRACTION;
+        }
+        (1.0 - LATENESS_MARGIN * self.ledger.late_hi(now) / tau)
+            .clamp(MIN_CHUNK_FRACTION, MAX_CHUNK_FRACTION)
+    }
+
+    /// Books the time from the last event to `now`: idle when no connection held data;
+    /// when some did and the wire's credit sat full (it could have sent and nobody
+    /// released), lost, to the destination if a write was pending, else to lateness.
+    fn advance(&mut self, now: Instant) {
+        let l = &mut self.ledger;
+        if now <= l.at {
+            return;
+        }
+        let from = std::mem::replace(&mut l.at, now);
+        if l.busy == 0 {
+            l.totals.idle += now - from;
+            return;
+        }
+        let Some(cost) = self.cost else {
+            return;
+        };
+        let full = self.released.end + cost.tau;
+        let start = from.max(full);
+        if now <= start {
+            return;
+        }
+        let lost = now - start;
+        let cause = if l.writing > 0 {
+            Cause::Destination
+        } else {
+            Cause::Late
+        };
+        l.totals.lost[cause.index()] += lost;
+        let bytes = lost.as_nanos() * cost.denom / cost.per_byte;
+        l.totals.shortfall_bytes[cause.index()] += u64::try_from(bytes).unwrap_or(u64::MAX);
     }
 
     /// How long the wire is booked beyond `now` (zero when idle): the queue a newcomer
@@ -392,7 +644,9 @@ mod tests {
         // The process is descheduled until 10 ms; every flow wakes then. The first chunk
         // goes on the 1 ms credit, the others wait their serialisation time again.
         let stall_end = t0 + ms(10);
-        let go: Vec<Instant> = (0..4).map(|_| b.release(125_000, stall_end)).collect();
+        let go: Vec<Instant> = (0..4)
+            .map(|_| b.release(125_000, stall_end, None))
+            .collect();
         assert_eq!(go, [t0 + ms(10), t0 + ms(11), t0 + ms(12), t0 + ms(13)]);
         // A booking made now starts after the real wire, not after the stale bookings.
         assert_eq!(b.reserve(125_000, stall_end), t0 + ms(14));
@@ -445,7 +699,7 @@ mod tests {
                 continue;
             }
             if check_releases && !checked {
-                let go = b.release(n, now);
+                let go = b.release(n, now, None);
                 if go > now + Duration::from_micros(20) {
                     flows[i] = (wake(go, &mut rng), n, true);
                     continue;
@@ -512,11 +766,236 @@ mod tests {
             if at > now {
                 now = at + Duration::from_micros(lcg(&mut rng) % 500);
             }
-            assert!(b.release(n, now) <= now);
+            assert!(b.release(n, now, None) <= now);
             sent += n;
         }
         let rate = sent as f64 / (now - t0).as_secs_f64() / 1.25e9;
         assert!((rate - 1.0).abs() < 0.001, "{rate}");
+    }
+
+    /// A simulated connection direction driving a bucket on fake time, as the pump does:
+    /// read a chunk sized by [`TokenBucket::chunk_fraction`], book it, sleep until due
+    /// (waking `late()` after it), release, write (taking `write(n)`), read again.
+    struct Sim {
+        b: TokenBucket,
+        t0: Instant,
+        burst: u64,
+        flows: usize,
+        /// Bytes a flow sends before its sender pauses for `pause` (0: never pauses).
+        burst_len: u64,
+        pause: Duration,
+    }
+
+    #[derive(Clone, Copy)]
+    enum St {
+        Read,
+        Release(u64, Option<Instant>),
+        Written,
+    }
+
+    impl Sim {
+        fn new(rate: &str, flows: usize) -> Sim {
+            let t0 = Instant::now();
+            let sh = shape(rate, "1ms", "none");
+            Sim {
+                b: TokenBucket::new(sh, t0),
+                t0,
+                burst: sh.burst_payload_bytes().unwrap(),
+                flows,
+                burst_len: 0,
+                pause: Duration::ZERO,
+            }
+        }
+
+        /// Runs for `secs` of fake time; returns the releases (instant, bytes).
+        fn run(
+            &mut self,
+            secs: f64,
+            mut late: impl FnMut() -> Duration,
+            write: impl Fn(u64) -> Duration,
+        ) -> Vec<(Instant, u64)> {
+            let end = self.t0 + Duration::from_secs_f64(secs);
+            let mut flows = vec![(self.t0, St::Read, false, 0u64); self.flows];
+            let mut out = Vec::new();
+            let min_sleep = Duration::from_micros(20);
+            loop {
+                let i = (0..flows.len()).min_by_key(|&i| flows[i].0).unwrap();
+                let (now, st, busy, sent) = flows[i];
+                if now >= end {
+                    return out;
+                }
+                flows[i] = match st {
+                    St::Read => {
+                        let n = ((self.burst as f64 * self.b.chunk_fraction(now)) as u64).max(1);
+                        if !busy {
+                            self.b.busy(now);
+                        }
+                        let at = self.b.reserve(n, now);
+                        if at > now + min_sleep {
+                            (at + late(), St::Release(n, Some(at)), true, sent)
+                        } else {
+                            (now, St::Release(n, None), true, sent)
+                        }
+                    }
+                    St::Release(n, due) => {
+                        let go = self.b.release(n, now, due);
+                        let t = if go > now + min_sleep {
+                            go + late()
+                        } else {
+                            now
+                        };
+                        out.push((t, n));
+                        (t + write(n), St::Written, busy, sent + n)
+                    }
+                    St::Written => {
+                        self.b.written(now);
+                        if self.burst_len > 0 && sent >= self.burst_len {
+                            self.b.idle(now);
+                            (now + self.pause, St::Read, false, 0)
+                        } else {
+                            (now, St::Read, busy, sent)
+                        }
+                    }
+                };
+            }
+        }
+
+        /// Payload bytes per second of the simulated link (framing none).
+        fn bytes_per_sec(&self) -> f64 {
+            match self.b.shape().rate {
+                LinkRate::BitsPerSecond(b) => b.get() as f64 / 8.0,
+                LinkRate::Unlimited => f64::INFINITY,
+            }
+        }
+    }
+
+    /// The largest 100 ms window of `out`, in bytes.
+    fn max_window(out: &[(Instant, u64)]) -> u64 {
+        let span = Duration::from_millis(100);
+        let (mut j, mut sum, mut worst) = (0, 0u64, 0u64);
+        for i in 0..out.len() {
+            sum += out[i].1;
+            while out[i].0 - out[j].0 >= span {
+                sum -= out[j].1;
+                j += 1;
+            }
+            worst = worst.max(sum);
+        }
+        worst
+    }
+
+    #[test]
+    fn wakeups_late_by_up_to_90_percent_of_the_burst_cost_nothing() {
+        for (rate, flows) in [("1g", 1), ("1g", 4), ("10g", 1), ("10g", 4)] {
+            let mut sim = Sim::new(rate, flows);
+            let tau_ns = 1_000_000u64;
+            let mut rng = 11;
+            let out = sim.run(
+                10.0,
+                || Duration::from_nanos(lcg(&mut rng) % (tau_ns * 9 / 10)),
+                |_| Duration::ZERO,
+            );
+            let secs = (out.last().unwrap().0 - sim.t0).as_secs_f64();
+            let sent: u64 = out.iter().map(|r| r.1).sum();
+            let mean = sent as f64 / secs / sim.bytes_per_sec();
+            assert!((mean - 1.0).abs() < 0.001, "{rate} x{flows}: mean {mean}");
+            // Every 100 ms window within the rate plus the burst.
+            let bound = sim.bytes_per_sec() * 0.1 + sim.burst as f64;
+            let worst = max_window(&out) as f64;
+            assert!(worst <= bound, "{rate} x{flows}: window {worst} > {bound}");
+            // The ledger agrees: nothing lost, the link carried what was released.
+            let f = sim.b.fidelity(out.last().unwrap().0);
+            assert!(f.ratio().unwrap() > 0.999, "{rate} x{flows}: {f:?}");
+            assert_eq!(f.carried_bytes, sent);
+            // The chunks shrank to absorb the lateness.
+            let frac = sim.b.chunk_fraction(out.last().unwrap().0);
+            assert!(frac < 0.2, "{rate} x{flows}: chunk fraction {frac}");
+        }
+    }
+
+    #[test]
+    fn on_time_wakeups_keep_chunks_at_half_the_burst() {
+        let mut sim = Sim::new("1g", 1);
+        let out = sim.run(2.0, || Duration::from_micros(5), |_| Duration::ZERO);
+        let frac = sim.b.chunk_fraction(out.last().unwrap().0);
+        assert!(frac > 0.49, "{frac}");
+    }
+
+    #[test]
+    fn lateness_beyond_the_burst_is_lost_and_booked_late() {
+        let mut sim = Sim::new("1g", 1);
+        let mut rng = 5;
+        // Every wake-up 1 - 3 ms late: far beyond the 1 ms burst.
+        let out = sim.run(
+            5.0,
+            || Duration::from_micros(1000 + lcg(&mut rng) % 2000),
+            |_| Duration::ZERO,
+        );
+        let end = out.last().unwrap().0;
+        let secs = (end - sim.t0).as_secs_f64();
+        let sent: u64 = out.iter().map(|r| r.1).sum();
+        let mean = sent as f64 / secs / sim.bytes_per_sec();
+        let f = sim.b.fidelity(end);
+        let ratio = f.ratio().unwrap();
+        assert!(mean < 0.8, "{mean}");
+        assert!(
+            (ratio - mean).abs() < 0.01,
+            "ledger {ratio} vs measured {mean}"
+        );
+        assert!(f.shortfall_bytes[Cause::Late.index()] > 0);
+        assert_eq!(f.shortfall_bytes[Cause::Destination.index()], 0);
+        // Backlogged the whole time: line time plus lost time is the run.
+        assert!(
+            (f.backlogged().as_secs_f64() / secs - 1.0).abs() < 0.01,
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn a_receiver_slower_than_the_link_is_booked_to_the_destination() {
+        let mut sim = Sim::new("100mbit", 1);
+        let per_byte = 1.0 / sim.bytes_per_sec();
+        // Each write takes as long as the chunk at 80 % of the rate.
+        let out = sim.run(
+            5.0,
+            || Duration::from_micros(10),
+            |n| Duration::from_secs_f64(n as f64 * per_byte / 0.8),
+        );
+        let f = sim.b.fidelity(out.last().unwrap().0);
+        let ratio = f.ratio().unwrap();
+        assert!((ratio - 0.8).abs() < 0.05, "{ratio} {f:?}");
+        let dest = f.shortfall_bytes[Cause::Destination.index()];
+        assert!(dest > 10 * f.shortfall_bytes[Cause::Late.index()], "{f:?}");
+    }
+
+    #[test]
+    fn idle_time_is_never_shortfall() {
+        let mut sim = Sim::new("1g", 2);
+        // Each sender sends 300 kB, then has nothing for 20 ms.
+        sim.burst_len = 300_000;
+        sim.pause = Duration::from_millis(20);
+        let out = sim.run(3.0, || Duration::from_micros(50), |_| Duration::ZERO);
+        let f = sim.b.fidelity(out.last().unwrap().0);
+        assert!(f.ratio().unwrap() >= 0.99, "{f:?}");
+        assert!(f.idle > Duration::from_millis(500), "{f:?}");
+        assert_eq!(f.shortfall_total(), 0, "{f:?}");
+    }
+
+    #[test]
+    fn fidelity_differences_cover_the_time_between() {
+        let a = Fidelity {
+            carried_bytes: 10,
+            line: Duration::from_millis(3),
+            lost: [Duration::from_millis(1), Duration::ZERO],
+            shortfall_bytes: [4, 0],
+            idle: Duration::from_millis(7),
+        };
+        let mut b = a;
+        b.add(&a);
+        assert_eq!(b.since(&a), a);
+        assert_eq!(a.backlogged(), Duration::from_millis(4));
+        assert_eq!(a.ratio(), Some(10.0 / 14.0));
+        assert_eq!(Fidelity::default().ratio(), None);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use std::time::Instant;
 
-pub use bucket::{Shape, TokenBucket};
+pub use bucket::{Cause, Fidelity, Shape, TokenBucket};
 
 /// Which way bytes travel through a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -125,16 +125,19 @@ impl Link {
         self.inner.generation.load(Ordering::Acquire)
     }
 
-    /// The largest chunk a reader should take at once: at most `max`, half the burst and
-    /// 1 ms of line rate (so a 100 ms window of a shaped link is never off by more than 1 %
-    /// from chunking alone; on links slower than 12 Mb/s, 1500 bytes unless that is more
-    /// than half the burst). Half the burst, because a release is checked against the
-    /// wire's real output ([`TokenBucket::release`]): a chunk released late by up to the
-    /// rest of the burst still fits in the credit and costs no throughput. Measured at
-    /// 1 Gb/s with a 1 ms burst: whole-burst chunks lost 1 % of the rate to wake-ups more
-    /// than 0.25 ms late; half-burst chunks kept the mean within 0.2 %.
-    pub fn chunk_limit(&self, max: usize) -> usize {
-        let shape = self.shape();
+    /// The largest chunk a reader of direction `dir` should take at once: at most `max`,
+    /// a share of the burst that follows the host's lateness (half of it while wake-ups
+    /// are on time, down to a tenth: [`TokenBucket::chunk_fraction`]), and 1 ms of line
+    /// rate (so a 100 ms window of a shaped link is never off by more than 1 % from
+    /// chunking alone; on links slower than 12 Mb/s, 1500 bytes unless that is more than
+    /// half the burst). A chunk plus its holder's lateness must fit in the burst: a
+    /// release is checked against the wire's real output ([`TokenBucket::release`]), and
+    /// credit beyond the burst is lost.
+    pub fn chunk_limit(&self, dir: Direction, max: usize) -> usize {
+        let (shape, fraction) = {
+            let b = self.bucket(dir);
+            (b.shape(), b.chunk_fraction(Instant::now()))
+        };
         let (Some(burst), Some(bits)) = (
             shape.burst_payload_bytes(),
             shape.framing.payload_rate(shape.rate),
@@ -142,34 +145,49 @@ impl Link {
             return max;
         };
         let per_ms = (bits / 8.0 / 1000.0) as u64;
-        let limit = (burst / 2).max(1).min(per_ms.max(MIN_CHUNK_LIMIT));
+        let share = ((burst as f64 * fraction) as u64).max(MIN_CHUNK_LIMIT.min(burst / 2));
+        let limit = share.max(1).min(per_ms.max(MIN_CHUNK_LIMIT));
         usize::try_from(limit).unwrap_or(usize::MAX).clamp(1, max)
     }
 
-    /// Books the wire for `n` payload bytes of `flow` in direction `dir` at `now` and
-    /// returns when they may leave.
+    /// What direction `dir` carried and lost so far (see [`Fidelity`]).
+    pub fn fidelity(&self, dir: Direction) -> Fidelity {
+        self.bucket(dir).fidelity(Instant::now())
+    }
+
+    /// A new connection direction's handle on this link.
+    pub fn flow(&self, dir: Direction) -> Flow {
+        Flow {
+            link: self.clone(),
+            dir,
+            last_release: None,
+            busy: false,
+            writing: false,
+        }
+    }
+
+    /// Books the wire for `n` payload bytes of `flow` at `now` and returns when they may
+    /// leave; the flow counts as holding data from now on.
     ///
     /// A sparse flow (a small chunk after at least [`SPARSE_GAP`] of silence, such as a
     /// post-copy page request or a preempt-channel page) is served ahead of bulk bookings,
     /// like fair queueing on a real link; everything else is first come, first served.
-    pub fn book(&self, dir: Direction, n: usize, flow: &mut Flow, now: Instant) -> Instant {
-        self.book_flow(dir, n, flow, now).0
+    pub fn book(&self, n: usize, flow: &mut Flow, now: Instant) -> Instant {
+        self.book_flow(n, flow, now).0
     }
 
     /// [`Link::book`], also telling whether the chunk was served as a sparse flow's.
-    fn book_flow(
-        &self,
-        dir: Direction,
-        n: usize,
-        flow: &mut Flow,
-        now: Instant,
-    ) -> (Instant, bool) {
+    fn book_flow(&self, n: usize, flow: &mut Flow, now: Instant) -> (Instant, bool) {
         let sparse = n <= SPARSE_MAX
             && flow
                 .last_release
                 .is_none_or(|t| now.saturating_duration_since(t) >= SPARSE_GAP);
         let at = {
-            let mut bucket = self.bucket(dir);
+            let mut bucket = self.bucket(flow.dir);
+            if !flow.busy {
+                bucket.busy(now);
+                flow.busy = true;
+            }
             if sparse {
                 bucket.reserve_sparse(n as u64, now)
             } else {
@@ -179,21 +197,47 @@ impl Link {
         flow.last_release = Some(at);
         (at, sparse)
     }
+}
+
+/// One connection direction's handle on its link: its place in the fair queue and its
+/// state in the link's fidelity ledger (holding data or not, writing or not). Dropping it
+/// (the connection ended) leaves the ledger.
+#[derive(Debug)]
+pub struct Flow {
+    link: Link,
+    dir: Direction,
+    last_release: Option<Instant>,
+    /// Holds data read for the link.
+    busy: bool,
+    /// Its released data is being written.
+    writing: bool,
+}
+
+impl Flow {
+    /// The largest chunk to read now (see [`Link::chunk_limit`]).
+    pub fn chunk_limit(&self, max: usize) -> usize {
+        self.link.chunk_limit(self.dir, max)
+    }
 
     /// Books `n` bytes (see [`Link::book`]) and waits until they may leave; returns how
     /// long it waited (the saturation signal). Then books the release on the wire's actual
     /// output ([`TokenBucket::release`]): if this task ran late, the bytes booked behind it
-    /// wait again rather than leave in one burst with it. Cancel-safe:
-    /// dropping the future forfeits the wait, not the charge.
-    pub async fn acquire(&self, dir: Direction, n: usize, flow: &mut Flow) -> Duration {
+    /// wait again rather than leave in one burst with it. Cancel-safe: dropping the future
+    /// forfeits the wait, not the charge. Call [`Flow::written`] once the bytes are handed
+    /// to the receiving side.
+    pub async fn acquire(&mut self, n: usize) -> Duration {
+        let link = self.link.clone();
         let start = Instant::now();
-        let (at, sparse) = self.book_flow(dir, n, flow, start);
+        let (at, sparse) = link.book_flow(n, self, start);
         let mut now = start;
+        let mut due = None;
         if at.saturating_duration_since(now) >= MIN_SLEEP {
             pacer::sleep_until(at).await;
             now = Instant::now();
+            due = Some(at);
         }
-        let go = self.bucket(dir).release(n as u64, now);
+        let go = link.bucket(self.dir).release(n as u64, now, due);
+        self.writing = true;
         if sparse {
             // Charged on the real wire too, but a sparse message never waits behind bulk
             // chunks held back there (as it does not behind their bookings).
@@ -203,6 +247,28 @@ impl Link {
             pacer::sleep_until(go).await;
         }
         go.max(at).saturating_duration_since(start)
+    }
+
+    /// The bytes of the last [`Flow::acquire`] were handed to the receiving side.
+    pub fn written(&mut self) {
+        if std::mem::take(&mut self.writing) {
+            self.link.bucket(self.dir).written(Instant::now());
+        }
+    }
+
+    /// A read found nothing ready: the sender has nothing for the link now (idle time is
+    /// never shortfall).
+    pub fn idle(&mut self) {
+        if std::mem::take(&mut self.busy) {
+            self.link.bucket(self.dir).idle(Instant::now());
+        }
+    }
+}
+
+impl Drop for Flow {
+    fn drop(&mut self) {
+        self.written();
+        self.idle();
     }
 }
 
@@ -245,12 +311,6 @@ pub const SPARSE_MAX: usize = 8 * 1024;
 /// Silence after which a flow counts as sparse again.
 pub const SPARSE_GAP: Duration = Duration::from_millis(1);
 
-/// One connection direction's state as seen by the link (for fair queueing).
-#[derive(Debug, Default, Clone)]
-pub struct Flow {
-    last_release: Option<Instant>,
-}
-
 fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -271,17 +331,20 @@ mod tests {
     fn directions_have_separate_buckets_shared_by_all_flows() {
         let link = Link::new(shape("1g"), Duration::ZERO);
         let t0 = Instant::now();
-        let (mut a, mut b) = (Flow::default(), Flow::default());
+        let (mut a, mut b) = (
+            link.flow(Direction::ToDestination),
+            link.flow(Direction::ToDestination),
+        );
         // Two bulk flows share one bucket: 2 x 125 kB take 2 ms in total.
-        link.book(Direction::ToDestination, 125_000, &mut a, t0);
-        let second = link.book(Direction::ToDestination, 125_000, &mut b, t0);
+        link.book(125_000, &mut a, t0);
+        let second = link.book(125_000, &mut b, t0);
         assert!(
             second - t0 >= Duration::from_micros(1900),
             "{:?}",
             second - t0
         );
         // The reverse direction is idle: a small message leaves at once.
-        let rp = link.book(Direction::ToSource, 64, &mut Flow::default(), t0);
+        let rp = link.book(64, &mut link.flow(Direction::ToSource), t0);
         assert!(rp - t0 < Duration::from_micros(1));
     }
 
@@ -289,19 +352,19 @@ mod tests {
     fn sparse_flows_skip_the_bulk_queue_busy_flows_do_not() {
         let link = Link::new(shape("1g"), Duration::ZERO);
         let t0 = Instant::now();
-        let mut bulk = Flow::default();
+        let mut bulk = link.flow(Direction::ToDestination);
         for _ in 0..8 {
-            link.book(Direction::ToDestination, 125_000, &mut bulk, t0);
+            link.book(125_000, &mut bulk, t0);
         }
         // 8 ms of bulk is booked; a page request on another flow goes first.
-        let mut pages = Flow::default();
-        let first = link.book(Direction::ToDestination, 4096, &mut pages, t0);
+        let mut pages = link.flow(Direction::ToDestination);
+        let first = link.book(4096, &mut pages, t0);
         assert!(first - t0 < Duration::from_micros(40), "{:?}", first - t0);
         // Right after, the same flow is not sparse any more: it queues like everyone.
-        let again = link.book(Direction::ToDestination, 4096, &mut pages, t0);
+        let again = link.book(4096, &mut pages, t0);
         assert!(again - t0 > Duration::from_millis(8));
         // Large chunks are never sparse.
-        let big = link.book(Direction::ToDestination, 65536, &mut Flow::default(), t0);
+        let big = link.book(65536, &mut link.flow(Direction::ToDestination), t0);
         assert!(big - t0 > Duration::from_millis(8));
     }
 
@@ -313,16 +376,18 @@ mod tests {
         assert_eq!(link.delay(), Duration::from_millis(5));
         assert_eq!(link.shape(), shape("10g"));
         let at = link.book(
-            Direction::ToDestination,
             125_000,
-            &mut Flow::default(),
+            &mut link.flow(Direction::ToDestination),
             Instant::now(),
         );
         // 100 us at 10 Gb/s (not 1 ms at 1 Gb/s), and no credit from before the switch.
         assert!(at - t0 >= Duration::from_micros(100) && at - t0 < Duration::from_millis(1));
         // 1 ms of 10 Gb/s is 1.25 MB; the burst (4 ms) is larger.
-        assert_eq!(link.chunk_limit(1 << 30), 1_250_000);
-        assert_eq!(link.chunk_limit(1 << 20), 1 << 20);
+        assert_eq!(
+            link.chunk_limit(Direction::ToDestination, 1 << 30),
+            1_250_000
+        );
+        assert_eq!(link.chunk_limit(Direction::ToDestination, 1 << 20), 1 << 20);
         // With a 1 ms burst at 1 Gb/s, chunks are half the burst: 62.5 kB.
         link.set(
             Shape {
@@ -331,7 +396,7 @@ mod tests {
             },
             Duration::ZERO,
         );
-        assert_eq!(link.chunk_limit(1 << 30), 62_500);
+        assert_eq!(link.chunk_limit(Direction::ToDestination, 1 << 30), 62_500);
         // The 1500-byte floor (for slow links) never lifts a chunk above half the burst.
         link.set(
             Shape {
@@ -340,10 +405,10 @@ mod tests {
             },
             Duration::ZERO,
         );
-        assert_eq!(link.chunk_limit(1 << 30), 1000);
+        assert_eq!(link.chunk_limit(Direction::ToDestination, 1 << 30), 1000);
         // At 1 Mb/s (125 bytes a ms) with a 4 ms burst (500 bytes): half the burst...
         link.set(shape("1mbit"), Duration::ZERO);
-        assert_eq!(link.chunk_limit(1 << 30), 250);
+        assert_eq!(link.chunk_limit(Direction::ToDestination, 1 << 30), 250);
         // ...and with a 64 kB burst the floor.
         link.set(
             Shape {
@@ -352,17 +417,17 @@ mod tests {
             },
             Duration::ZERO,
         );
-        assert_eq!(link.chunk_limit(1 << 30), 1500);
+        assert_eq!(link.chunk_limit(Direction::ToDestination, 1 << 30), 1500);
     }
 
     #[tokio::test]
     async fn acquire_waits_until_the_booking() {
         let link = Link::new(shape("1g"), Duration::ZERO);
         let t0 = Instant::now();
-        let mut flow = Flow::default();
+        let mut flow = link.flow(Direction::ToDestination);
         for _ in 0..20 {
-            link.acquire(Direction::ToDestination, 125_000, &mut flow)
-                .await;
+            flow.acquire(125_000).await;
+            flow.written();
         }
         // 2.5 MB at 1 Gb/s: never less than 20 ms (the bucket starts empty).
         assert!(

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::splice::Pipe;
 use crate::link::{Direction, Flow, Link};
+
 use crate::tap::Tap;
 
 /// Largest read per chunk. Large reads keep syscall overhead low at 10 Gb/s; the link caps
@@ -132,14 +133,14 @@ async fn forward<T: Tap>(
     let mut buf: Vec<u8> = Vec::new();
     let mut total = 0u64;
     let mut delay_line: Option<DelayLine> = None;
-    let mut flow = Flow::default();
+    let mut flow = link.flow(dir);
     // The zero-copy path's pipe, made once the direction is busy (a read filled the
     // buffer: idle connections and small messages never need one); `Err` once making one
     // failed (e.g. out of descriptors): the copy path serves the rest of the connection.
     let mut pipe: Option<Result<Pipe, ()>> = None;
     let mut busy = false;
     loop {
-        let limit = link.chunk_limit(budget.per_direction());
+        let limit = flow.chunk_limit(budget.per_direction());
         // Splice while the tap does not look at the bytes and no delay line holds them.
         let splice_now =
             *zero_copy && !tap.wants_bytes() && delay_line.is_none() && link.delay().is_zero();
@@ -156,7 +157,7 @@ async fn forward<T: Tap>(
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Err(PumpError::Cancelled),
-                r = p.fill(&src, limit) => r.map_err(|source| PumpError::Read { side: from, source })?,
+                r = fill(p, &src, limit, &mut flow) => r.map_err(|source| PumpError::Read { side: from, source })?,
             }
         } else {
             if buf.len() < limit.min(MIN_CHUNK) {
@@ -170,7 +171,7 @@ async fn forward<T: Tap>(
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Err(PumpError::Cancelled),
-                r = read(&src, &mut buf[..want]) => r.map_err(|source| PumpError::Read { side: from, source })?,
+                r = read_chunk(&src, &mut buf[..want], &mut flow) => r.map_err(|source| PumpError::Read { side: from, source })?,
             }
         };
         if n == 0 {
@@ -185,7 +186,7 @@ async fn forward<T: Tap>(
         let waited = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Err(PumpError::Cancelled),
-            w = link.acquire(dir, n, &mut flow) => w,
+            w = flow.acquire(n) => w,
         };
         if !waited.is_zero() {
             wait.increment(waited.as_secs_f64());
@@ -204,6 +205,7 @@ async fn forward<T: Tap>(
                 _ = cancel.cancelled() => return Err(PumpError::Cancelled),
                 r = p.drain(&dst, n) => r.map_err(|source| PumpError::Write { side: to, source })?,
             }
+            flow.written();
             tap.on_unseen(n);
             continue;
         }
@@ -222,6 +224,7 @@ async fn forward<T: Tap>(
                 r = write_all(&dst, &buf[..n]) => r.map_err(|source| PumpError::Write { side: to, source })?,
             },
         }
+        flow.written();
         tap.on_chunk(&buf[..n]);
         // A full read means a busy direction: grow the buffer towards MAX_CHUNK.
         if n == buf.len() {
@@ -230,6 +233,29 @@ async fn forward<T: Tap>(
                 buf.resize((buf.len() * 2).min(limit), 0);
             }
         }
+    }
+}
+
+/// Reads once for the link: first without waiting; when nothing is ready the sender has
+/// nothing for the link now, and `flow` goes idle before the read waits.
+async fn read_chunk(s: &TcpStream, buf: &mut [u8], flow: &mut Flow) -> io::Result<usize> {
+    match s.try_read(buf) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            flow.idle();
+            read(s, buf).await
+        }
+        r => r,
+    }
+}
+
+/// [`read_chunk`] for the zero-copy path.
+async fn fill(p: &Pipe, src: &TcpStream, limit: usize, flow: &mut Flow) -> io::Result<usize> {
+    match p.try_fill(src, limit) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            flow.idle();
+            p.fill(src, limit).await
+        }
+        r => r,
     }
 }
 

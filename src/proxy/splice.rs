@@ -55,6 +55,14 @@ impl Pipe {
         }
     }
 
+    /// [`Pipe::fill`] without waiting: `WouldBlock` when `src` has nothing ready.
+    pub fn try_fill(&self, src: &TcpStream, len: usize) -> io::Result<usize> {
+        let len = len.min(self.capacity).max(1);
+        src.try_io(Interest::READABLE, || {
+            splice(src.as_fd(), self.write.as_fd(), len)
+        })
+    }
+
     /// Moves the `n` bytes the pipe holds into `dst`.
     pub async fn drain(&self, dst: &TcpStream, mut n: usize) -> io::Result<()> {
         while n > 0 {
