@@ -314,6 +314,31 @@ fn sum(v: &Value) -> f64 {
         .map_or(0.0, |m| m.values().filter_map(Value::as_f64).sum())
 }
 
+/// A record's (or live view's) link fidelity towards the destination, for one line:
+/// `link fidelity 93.1 % (short 6.1 MB: late 4.2 MB, destination 1.9 MB)`.
+fn fidelity_text(m: &Value) -> String {
+    let f = &m["fidelity"]["to_destination"];
+    let Some(ratio) = f["ratio"].as_f64() else {
+        return "link fidelity n/a (not backlogged or unlimited)".to_string();
+    };
+    let short = |c: &str| f["shortfall_bytes"][c].as_f64().unwrap_or(0.0);
+    let (late, dest) = (short("late"), short("destination"));
+    let mut s = format!("link fidelity {:.1} %", ratio * 100.0);
+    if late + dest > 0.0 {
+        let _ = write!(
+            s,
+            " (short {}: late {}, destination {})",
+            human_bytes(late + dest),
+            human_bytes(late),
+            human_bytes(dest)
+        );
+    }
+    if ratio < crate::migration::FIDELITY_WARN_BELOW {
+        s.push_str(" LOW");
+    }
+    s
+}
+
 /// Renders routes and migrations as the `status` table.
 pub fn render_status(routes: &Value, migrations: &Value) -> String {
     let mut out = String::new();
@@ -346,7 +371,7 @@ pub fn render_status(routes: &Value, migrations: &Value) -> String {
         };
         let _ = writeln!(
             out,
-            "  migration {}: {} (pass {}), {:.1} s, {} to destination at {}/s, {} page requests, {} connections\n  {progress}",
+            "  migration {}: {} (pass {}), {:.1} s, {} to destination at {}/s, {} page requests, {} connections\n  {progress}\n  {}",
             m["id"].as_str().unwrap_or("?"),
             m["phase"].as_str().unwrap_or("?"),
             m["precopy_passes"],
@@ -360,6 +385,7 @@ pub fn render_status(routes: &Value, migrations: &Value) -> String {
             ),
             m["page_requests"],
             m["open_connections"],
+            fidelity_text(m),
         );
     }
     let recent = migrations["recent"].as_array().cloned().unwrap_or_default();
@@ -368,7 +394,7 @@ pub fn render_status(routes: &Value, migrations: &Value) -> String {
         for rec in recent.iter().rev().take(5) {
             let _ = writeln!(
                 out,
-                "  {} {} {:.2} s, {} to destination{}",
+                "  {} {} {:.2} s, {} to destination{}, {}",
                 rec["id"].as_str().unwrap_or("?"),
                 rec["outcome"].as_str().unwrap_or("?"),
                 rec["duration_s"].as_f64().unwrap_or(0.0),
@@ -376,6 +402,7 @@ pub fn render_status(routes: &Value, migrations: &Value) -> String {
                 rec["cause"]
                     .as_str()
                     .map_or_else(String::new, |c| format!(" ({c})")),
+                fidelity_text(rec),
             );
         }
     }
@@ -452,9 +479,23 @@ mod tests {
                           "bytes": {"to_destination": {"setup": 10, "precopy": 2_000_000}},
                           "rate_bytes_per_second": {"to_destination": 117_000_000},
                           "page_requests": 0, "open_connections": 1,
-                          "ram_sent_ratio": 1.5, "ram_total_bytes": 134_217_728}
+                          "ram_sent_ratio": 1.5, "ram_total_bytes": 134_217_728,
+                          "fidelity": {"to_destination": {"ratio": 0.93,
+                              "shortfall_bytes": {"late": 4_000_000, "destination": 0}}}}
         }]);
-        let text = render_status(&routes, &json!({"active": [], "recent": []}));
+        let recent = json!({"active": [], "recent": [{"id": "r-0", "outcome": "completed",
+            "duration_s": 1.0, "bytes": {"to_destination": {"precopy": 5}},
+            "fidelity": {"to_destination": {"ratio": 1.0,
+                "shortfall_bytes": {"late": 0, "destination": 0}}}}]});
+        let text = render_status(&routes, &recent);
+        assert!(
+            text.contains("link fidelity 93.0 % (short 4.0 MB: late 4.0 MB, destination 0 B) LOW"),
+            "{text}"
+        );
+        assert!(
+            text.contains("r-0 completed 1.00 s, 5 B to destination, link fidelity 100.0 %\n"),
+            "{text}"
+        );
         assert!(text.contains("precopy (pass 2)"), "{text}");
         assert!(text.contains("1.50x of 134.2 MB RAM sent"), "{text}");
         assert!(text.contains("[####################]"), "{text}");

@@ -229,6 +229,9 @@ async fn not_found() -> ApiError {
 }
 
 async fn metrics(State(s): State<Arc<ApiState>>) -> impl IntoResponse {
+    for r in &s.routes {
+        r.publish_fidelity();
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -267,6 +267,29 @@ pub fn render(replay: &Replay, runs: &[(String, Record)]) -> String {
             ) + "/s"
         );
     }
+    for (link, r) in runs {
+        let f = &r.fidelity.to_destination;
+        let idle: f64 = f.idle_seconds.values().sum();
+        let short = |c: &str| f.shortfall_bytes.get(c).copied().unwrap_or(0);
+        let _ = match f.ratio {
+            Some(ratio) => writeln!(
+                out,
+                "{link}: link fidelity {:.2} % (delivered of the rate while backlogged, {:.3} s; \
+                 short: late {} B, destination {} B; idle waiting for the source {:.3} s){}",
+                ratio * 100.0,
+                f.backlogged_seconds,
+                short("late"),
+                short("destination"),
+                idle,
+                if ratio < crate::migration::FIDELITY_WARN_BELOW {
+                    " - below 99 %: see \"Is the link faithful?\" in the README"
+                } else {
+                    ""
+                }
+            ),
+            None => writeln!(out, "{link}: link fidelity n/a (never backlogged)"),
+        };
+    }
     if let [(a, ra), (b, rb)] = runs {
         let _ = writeln!(
             out,

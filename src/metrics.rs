@@ -17,7 +17,7 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-use crate::link::{Direction, Shape};
+use crate::link::{Cause, Direction, Fidelity, Shape};
 use crate::qemu::{ChannelKind, Phase};
 
 /// Histogram buckets for migration and phase durations: 0.1 s to 1 h.
@@ -187,6 +187,24 @@ impl Metrics {
                  monotonic (a float, hence exported as a gauge): use rate()"
             );
             describe_gauge!(
+                "migshaper_link_backlogged_seconds_total",
+                Unit::Seconds,
+                "Time the shaped link had data to carry (line time of what it carried plus \
+                 the time it lost); monotonic (a float, hence exported as a gauge): use rate()"
+            );
+            describe_counter!(
+                "migshaper_link_carried_bytes_total",
+                Unit::Bytes,
+                "Payload bytes the shaped link carried"
+            );
+            describe_counter!(
+                "migshaper_link_shortfall_bytes_total",
+                Unit::Bytes,
+                "Payload bytes the shaped link could have carried while backlogged and did not, \
+                 by cause: late (its wake-ups came too late for the burst), destination (the \
+                 receiving side did not take the writes). Fidelity = carried / (carried + shortfall)"
+            );
+            describe_gauge!(
                 "migshaper_connections_active",
                 "Open proxied connections, by channel kind (unknown until the first bytes)"
             );
@@ -256,6 +274,17 @@ impl Metrics {
                 wait: dirs.map(|d| {
                     gauge!("migshaper_shaping_wait_seconds_total", "route" => r.clone(), "direction" => d)
                 }),
+                backlogged: dirs.map(|d| {
+                    gauge!("migshaper_link_backlogged_seconds_total", "route" => r.clone(), "direction" => d)
+                }),
+                carried: dirs.map(|d| {
+                    counter!("migshaper_link_carried_bytes_total", "route" => r.clone(), "direction" => d)
+                }),
+                shortfall: dirs.map(|d| {
+                    Cause::ALL.map(|c| {
+                        counter!("migshaper_link_shortfall_bytes_total", "route" => r.clone(), "direction" => d, "cause" => c.as_str())
+                    })
+                }),
                 conns_active: channels
                     .map(|c| gauge!("migshaper_connections_active", "route" => r.clone(), "channel" => c)),
                 conns_total: channels.map(|c| {
@@ -316,6 +345,9 @@ struct RouteInner {
     delay: Gauge,
     changes: Counter,
     wait: [Gauge; 2],
+    backlogged: [Gauge; 2],
+    carried: [Counter; 2],
+    shortfall: [[Counter; 2]; 2],
     conns_active: [Gauge; 6],
     conns_total: [[Counter; 5]; 6],
     upstream_errors: Counter,
@@ -372,6 +404,16 @@ impl RouteMetrics {
     /// The shaping-wait accumulator of `dir`.
     pub fn wait(&self, dir: Direction) -> Gauge {
         self.inner.wait[dir.index()].clone()
+    }
+
+    /// Publishes the link ledger of `dir` (cumulative since the link was made).
+    pub fn fidelity(&self, dir: Direction, f: &Fidelity) {
+        let d = dir.index();
+        self.inner.backlogged[d].set(f.backlogged().as_secs_f64());
+        self.inner.carried[d].absolute(f.carried_bytes);
+        for c in Cause::ALL {
+            self.inner.shortfall[d][c.index()].absolute(f.shortfall_bytes[c.index()]);
+        }
     }
 
     /// Counts a failed upstream connect (and the connection it ended).

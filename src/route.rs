@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tracing::info;
 
-use crate::link::{Link, LinkUpdate, Shape};
+use crate::link::{Direction, Link, LinkUpdate, Shape};
 use crate::migration::RouteAccounting;
 
 /// A handle to a route's live state, for reporting and for changing its link. Cheap to
@@ -45,6 +45,15 @@ impl RouteHandle {
             link,
             accounting,
             link_change: Arc::new(Mutex::new(())),
+        }
+    }
+
+    /// Publishes the link's fidelity ledger of both directions to the route's metrics (the
+    /// control API does it before every scrape, so the counters are current).
+    pub fn publish_fidelity(&self) {
+        let metrics = self.accounting.metrics();
+        for dir in Direction::ALL {
+            metrics.fidelity(dir, &self.link.fidelity(dir));
         }
     }
 

@@ -38,6 +38,20 @@ fn demo_replays_the_bundled_migration_at_both_links() {
         .collect();
     assert_eq!(requests.len(), 2, "{stdout}");
     assert!(requests[0] > 0 && requests[0] == requests[1], "{stdout}");
+    // Both links report their fidelity: the shaped one a ratio, the unlimited one none.
+    let fidelity: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains(": link fidelity"))
+        .collect();
+    assert_eq!(fidelity.len(), 2, "{stdout}");
+    assert!(
+        fidelity[0].starts_with("10g: link fidelity ") && fidelity[0].contains(" %"),
+        "{stdout}"
+    );
+    assert!(
+        fidelity[1].starts_with("unlimited: link fidelity n/a"),
+        "{stdout}"
+    );
 }
 
 #[test]

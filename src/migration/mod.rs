@@ -23,8 +23,11 @@ mod registry;
 mod sink;
 mod taps;
 
-pub use record::{ActiveView, DirBytes, LinkEntry, RamRecord, RateView, Record, Series};
-pub use registry::RouteAccounting;
+pub use record::{
+    ActiveView, DirBytes, DirFidelity, FidelityRecord, LinkEntry, RamRecord, RateView, Record,
+    Series,
+};
+pub use registry::{FIDELITY_WARN_BELOW, RouteAccounting};
 pub use sink::RecordSink;
 pub use taps::{ForwardTap, ReverseTap, connection_ended};
 
@@ -33,7 +36,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::link::Direction;
+use crate::link::{Direction, Fidelity};
 use crate::metrics::MigrationOutcome;
 use crate::qemu::{MultifdLedger, Outcome, Phase, RamCounters, Stats};
 use record::rfc3339;
@@ -75,6 +78,10 @@ struct State {
     live_ram: RamCounters,
     /// Guest RAM size from the main channel's MEM_SIZE list.
     ram_total: u64,
+    /// The link's ledger per direction when the current phase began.
+    fidelity_mark: [Fidelity; 2],
+    /// The link's ledger per direction and migration phase, up to the current phase.
+    fidelity: [[Fidelity; 4]; 2],
 }
 
 impl State {
@@ -98,6 +105,7 @@ impl Migration {
         let state = State {
             timeline: vec![(Phase::Setup, start)],
             links: vec![LinkEntry::now(&route.link)],
+            fidelity_mark: Direction::ALL.map(|d| route.link.fidelity(d)),
             ..State::default()
         };
         Migration {
@@ -123,6 +131,13 @@ impl Migration {
     /// The main channel entered `to` at `at`.
     fn enter_phase(&self, st: &mut State, to: Phase, at: Instant) {
         let to = to.migration_phase();
+        let from = st.timeline.last().map_or(Phase::Setup, |t| t.0);
+        for d in Direction::ALL {
+            let now = self.route.link.fidelity(d);
+            let part = now.since(&st.fidelity_mark[d.index()]);
+            st.fidelity[d.index()][from.index()].add(&part);
+            st.fidelity_mark[d.index()] = now;
+        }
         st.timeline.push((to, at));
         self.phase.store(to.index() as u8, Ordering::Relaxed);
         self.route.metrics.set_phase(Some(to));
@@ -141,6 +156,25 @@ impl Migration {
         let mut st = self.lock();
         if st.failure.is_none() {
             st.failure = Some(cause);
+        }
+    }
+
+    /// The link's fidelity over this migration so far, per direction.
+    fn fidelity_record(&self, st: &State) -> FidelityRecord {
+        let current = st.timeline.last().map_or(Phase::Setup, |t| t.0);
+        let dir = |d: Direction| {
+            let mut phases = st.fidelity[d.index()];
+            let part = self
+                .route
+                .link
+                .fidelity(d)
+                .since(&st.fidelity_mark[d.index()]);
+            phases[current.index()].add(&part);
+            DirFidelity::from_phases(&phases)
+        };
+        FidelityRecord {
+            to_destination: dir(Direction::ToDestination),
+            to_source: dir(Direction::ToSource),
         }
     }
 
@@ -192,6 +226,7 @@ impl Migration {
                 _ => None,
             },
             links: st.links.clone(),
+            fidelity: self.fidelity_record(&st),
         })
     }
 
@@ -312,6 +347,7 @@ impl Migration {
             page_requests: st.page_requests,
             channels: st.channels.clone(),
             opaque_bytes: st.opaque_bytes,
+            fidelity: self.fidelity_record(st),
             series: Series {
                 interval_s: SERIES_INTERVAL.as_secs_f64(),
                 to_destination: st.series[Direction::ToDestination.index()].clone(),

@@ -7,7 +7,8 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::link::Link;
+use crate::link::{Cause, Fidelity, Link};
+use crate::qemu::Phase;
 
 /// The link in force at a time.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -70,6 +71,69 @@ pub struct ActiveView {
     pub ram_sent_ratio: Option<f64>,
     /// Link settings in force, with the time each took effect.
     pub links: Vec<LinkEntry>,
+    /// How faithful the link has been so far.
+    pub fidelity: FidelityRecord,
+}
+
+/// How faithful the emulated link was, per direction (see `Fidelity` in the link).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FidelityRecord {
+    /// Source → destination: the migration stream.
+    pub to_destination: DirFidelity,
+    /// Destination → source: the return path.
+    pub to_source: DirFidelity,
+}
+
+/// One direction's fidelity over a migration.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DirFidelity {
+    /// Carried over what the rate allowed while the link had something to carry (`null`
+    /// when it never had, or is unlimited): 1.0 is a link that delivered its rate.
+    pub ratio: Option<f64>,
+    /// Time the link had something to carry: line time of what it carried plus time lost.
+    pub backlogged_seconds: f64,
+    /// Payload bytes the shaped link carried.
+    pub carried_bytes: u64,
+    /// Payload bytes the link could have carried while backlogged and did not, by cause:
+    /// `late` (its wake-ups came too late for the burst), `destination` (the receiving
+    /// side did not take the writes).
+    pub shortfall_bytes: BTreeMap<&'static str, u64>,
+    /// `ratio` within each phase (`null` where the link was not backlogged).
+    pub phases: BTreeMap<&'static str, Option<f64>>,
+    /// Time per phase in which the link sat idle waiting for the sender.
+    pub idle_seconds: BTreeMap<&'static str, f64>,
+}
+
+impl DirFidelity {
+    /// From the ledger of each of [`Phase::MIGRATION`].
+    pub fn from_phases(phases: &[Fidelity; 4]) -> DirFidelity {
+        let mut total = Fidelity::default();
+        for f in phases {
+            total.add(f);
+        }
+        DirFidelity {
+            ratio: total.ratio().map(round4),
+            backlogged_seconds: total.backlogged().as_secs_f64(),
+            carried_bytes: total.carried_bytes,
+            shortfall_bytes: Cause::ALL
+                .iter()
+                .map(|c| (c.as_str(), total.shortfall_bytes[c.index()]))
+                .collect(),
+            phases: Phase::MIGRATION
+                .iter()
+                .map(|p| (p.as_str(), phases[p.index()].ratio().map(round4)))
+                .collect(),
+            idle_seconds: Phase::MIGRATION
+                .iter()
+                .map(|p| (p.as_str(), phases[p.index()].idle.as_secs_f64()))
+                .collect(),
+        }
+    }
+}
+
+/// A ratio to four decimals: finer than any host keeps a link, easier to read.
+fn round4(x: f64) -> f64 {
+    (x * 1e4).round() / 1e4
 }
 
 /// Bytes per second, per direction.
@@ -155,6 +219,8 @@ pub struct Record {
     pub channels: BTreeMap<&'static str, u32>,
     /// Bytes the parser could not interpret (counted in their phase all the same).
     pub opaque_bytes: u64,
+    /// How faithful the emulated link was.
+    pub fidelity: FidelityRecord,
     /// Throughput over time.
     pub series: Series,
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tracing::info;
+use tracing::{info, warn};
 
 use super::Migration;
 use super::record::{ActiveView, LinkEntry, Record};
@@ -169,6 +169,7 @@ impl RouteAccounting {
             seconds = record.duration_s,
             "migration ended"
         );
+        warn_low_fidelity(&self.route, id, &record);
         if let Some(sink) = &self.sink {
             sink.write(&record);
         }
@@ -177,5 +178,52 @@ impl RouteAccounting {
             recent.pop_front();
         }
         recent.push_back(record);
+    }
+}
+
+/// Below this ratio a finished migration's link is reported as not faithful.
+pub const FIDELITY_WARN_BELOW: f64 = 0.99;
+
+/// Less backlogged time than this says too little about the link to warn about.
+const FIDELITY_MIN_BACKLOG_S: f64 = 0.01;
+
+/// Logs a WARN line for each direction whose link delivered less than
+/// [`FIDELITY_WARN_BELOW`] of its rate while backlogged: by how much, why, what to try.
+fn warn_low_fidelity(route: &str, id: &str, record: &Record) {
+    let dirs = [
+        ("to_destination", &record.fidelity.to_destination),
+        ("to_source", &record.fidelity.to_source),
+    ];
+    for (direction, f) in dirs {
+        let Some(ratio) = f.ratio else { continue };
+        if ratio >= FIDELITY_WARN_BELOW || f.backlogged_seconds < FIDELITY_MIN_BACKLOG_S {
+            continue;
+        }
+        let late = f.shortfall_bytes.get("late").copied().unwrap_or(0);
+        let destination = f.shortfall_bytes.get("destination").copied().unwrap_or(0);
+        let hint = if late >= destination {
+            "late: migshaper's wake-ups came later than the burst absorbs (busy or virtualised \
+             host); give migshaper a core of its own, keep the QEMUs off it, or raise --burst \
+             (e.g. 4ms)"
+        } else {
+            "destination: the receiving side (or the real path under the emulated link) took \
+             the bytes slower than the link; check the path's capacity or lower the emulated rate"
+        };
+        warn!(
+            route,
+            migration = id,
+            direction,
+            ratio,
+            short_percent = (1.0 - ratio) * 100.0,
+            shortfall_late_bytes = late,
+            shortfall_destination_bytes = destination,
+            backlogged_seconds = f.backlogged_seconds,
+            hint,
+            "link fidelity low: the link delivered {:.1} % of its rate while it had data to \
+             carry ({direction}), {:.1} % short: this migration saw a slower link than the \
+             one configured",
+            ratio * 100.0,
+            (1.0 - ratio) * 100.0,
+        );
     }
 }
