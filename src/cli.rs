@@ -207,7 +207,7 @@ pub struct ServeArgs {
     pub framing: Option<Framing>,
     /// One-way propagation delay per direction, e.g. 250us, 5ms (default 0).
     #[arg(long)]
-    pub delay: Option<HumanDuration>,
+    pub delay: Option<crate::spec::Delay>,
     /// Route name for logs and metrics.
     #[arg(long, default_value = "default")]
     pub name: String,

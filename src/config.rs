@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::link::Shape;
-use crate::spec::{Burst, Framing, HumanDuration, LinkRate};
+use crate::spec::{Burst, Delay, Framing, HumanDuration, LinkRate};
 
 /// Default upstream connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -165,7 +165,7 @@ struct FileRoute {
     link: LinkRate,
     burst: Option<Burst>,
     framing: Option<Framing>,
-    delay: Option<HumanDuration>,
+    delay: Option<Delay>,
     parse: Option<bool>,
     zero_copy: Option<bool>,
     max_connections: Option<usize>,

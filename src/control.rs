@@ -417,7 +417,7 @@ pub fn parse_link_update(body: &[u8]) -> Result<LinkUpdate, String> {
             "link" => u.rate = Some(text.parse::<LinkRate>().map_err(|e| field(&e))?),
             "burst" => u.burst = Some(text.parse::<Burst>().map_err(|e| field(&e))?),
             "framing" => u.framing = Some(text.parse::<Framing>().map_err(|e| field(&e))?),
-            "delay" => u.delay = Some(text.parse::<HumanDuration>().map_err(|e| field(&e))?.0),
+            "delay" => u.delay = Some(text.parse::<crate::spec::Delay>().map_err(|e| field(&e))?.0),
             _ => {
                 return Err(format!(
                     "unknown field {key:?}; the fields are link, burst, delay, framing"

@@ -32,6 +32,13 @@ pub enum SpecError {
     /// A duration such as `250us` was malformed.
     #[error("invalid duration {0:?}: expected e.g. 0, 250us, 5ms, 2s, 1m")]
     Duration(String),
+    /// A one-way delay was malformed or longer than [`MAX_DELAY`].
+    #[error(
+        "invalid delay {0:?}: expected a one-way delay such as 0, 250us, 5ms, 100ms, at most 10s \
+         (each connection direction holds at most 32 MiB in flight, so longer delays would \
+         only cap throughput: 32 MiB per 10 s is 27 Mb/s)"
+    )]
+    Delay(String),
     /// A framing such as `ethernet:1500` was malformed.
     #[error(
         "invalid framing {0:?}: expected `none`, `ethernet` (MTU 1500) or `ethernet:MTU` \
@@ -300,6 +307,29 @@ impl fmt::Display for HumanDuration {
     }
 }
 
+/// The longest one-way delay a link accepts.
+pub const MAX_DELAY: Duration = Duration::from_secs(10);
+
+/// A link's one-way propagation delay: a duration of at most [`MAX_DELAY`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Delay(pub Duration);
+
+impl FromStr for Delay {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        match parse_duration(s) {
+            Ok(d) if d <= MAX_DELAY => Ok(Delay(d)),
+            _ => Err(SpecError::Delay(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for Delay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        HumanDuration(self.0).fmt(f)
+    }
+}
+
 /// Deserializes any `FromStr` type from a string, keeping its error message.
 fn de_from_str<'de, D, T>(d: D) -> Result<T, D::Error>
 where
@@ -320,7 +350,7 @@ macro_rules! deserialize_via_from_str {
         }
     )*};
 }
-deserialize_via_from_str!(LinkRate, Burst, Framing, HumanDuration);
+deserialize_via_from_str!(LinkRate, Burst, Framing, HumanDuration, Delay);
 
 #[cfg(test)]
 mod tests {
@@ -330,6 +360,16 @@ mod tests {
         match s.parse::<LinkRate>().unwrap() {
             LinkRate::BitsPerSecond(b) => b.get(),
             LinkRate::Unlimited => panic!("{s} parsed as unlimited"),
+        }
+    }
+
+    #[test]
+    fn delays_above_ten_seconds_are_refused() {
+        assert_eq!("0".parse::<Delay>().unwrap(), Delay(Duration::ZERO));
+        assert_eq!("10s".parse::<Delay>().unwrap(), Delay(MAX_DELAY));
+        for bad in ["100000000s", "10001ms", "11s", "1h", "soon"] {
+            let e = bad.parse::<Delay>().unwrap_err().to_string();
+            assert!(e.contains("at most 10s") && e.contains(bad), "{bad}: {e}");
         }
     }
 

@@ -361,6 +361,7 @@ async fn control_api_validates_authorizes_and_leaves_the_link_alone_on_error() {
         ),
         (r#"{"link":"warp9"}"#, 400, "field \\\"link\\\""),
         (r#"{"delay":"soon"}"#, 400, "field \\\"delay\\\""),
+        (r#"{"delay":"100000000s"}"#, 400, "at most 10s"),
         (r#"{"burst":4}"#, 400, "field \\\"burst\\\""),
     ] {
         let (s, b) = put(body, Some("s3cret")).await;
@@ -826,4 +827,33 @@ async fn slow_and_idle_control_clients_are_cut_off_and_cannot_lock_others_out() 
         );
     }
     server.shutdown().await;
+}
+
+#[test]
+fn delays_above_ten_seconds_are_refused_at_start_up_with_exit_2() {
+    let out = migshaper()
+        .args(["serve", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9"])
+        .args(["--link", "1g", "--delay", "100000000s"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--delay") && err.contains("at most 10s"), "{err}");
+    // The same in a configuration file: the error names the route's field.
+    let dir = common::TempDir::new("delay");
+    let file = dir.path().join("routes.toml");
+    std::fs::write(
+        &file,
+        "[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n\
+         link = \"1g\"\ndelay = \"11s\"\n",
+    )
+    .unwrap();
+    let out = migshaper()
+        .args(["serve", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("delay") && err.contains("at most 10s"), "{err}");
 }
