@@ -832,13 +832,22 @@ async fn slow_and_idle_control_clients_are_cut_off_and_cannot_lock_others_out() 
 #[test]
 fn delays_above_ten_seconds_are_refused_at_start_up_with_exit_2() {
     let out = migshaper()
-        .args(["serve", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:9",
+        ])
         .args(["--link", "1g", "--delay", "100000000s"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--delay") && err.contains("at most 10s"), "{err}");
+    assert!(
+        err.contains("--delay") && err.contains("at most 10s"),
+        "{err}"
+    );
     // The same in a configuration file: the error names the route's field.
     let dir = common::TempDir::new("delay");
     let file = dir.path().join("routes.toml");
@@ -855,5 +864,8 @@ fn delays_above_ten_seconds_are_refused_at_start_up_with_exit_2() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("delay") && err.contains("at most 10s"), "{err}");
+    assert!(
+        err.contains("delay") && err.contains("at most 10s"),
+        "{err}"
+    );
 }

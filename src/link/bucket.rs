@@ -41,9 +41,11 @@
 //! The bucket also keeps the link's own ledger ([`Fidelity`]): what it carried, and every
 //! stretch of time in which some connection held data for it while the wire's credit sat
 //! full (the link could have sent and did not). That time is lost for good; it is booked
-//! to a [`Cause`]: the receiving side not taking a write ([`Cause::Destination`]), or else
-//! the link's holders waking too late ([`Cause::Late`]). Time in which no connection held
-//! data (the sender had nothing to send) is idle, never shortfall. Connections report
+//! to a [`Cause`]: the receiving side not taking a write ([`Cause::Destination`]: counted
+//! once the sender is seen to have had more data waiting, since a last chunk that is slow
+//! to write before a pause delays nothing), or else the link's holders waking too late
+//! ([`Cause::Late`]). Time in which no connection held data (the sender had nothing to
+//! send) is idle, never shortfall. Connections report
 //! their state through [`TokenBucket::busy`], [`TokenBucket::release`],
 //! [`TokenBucket::written`] and [`TokenBucket::idle`].
 
@@ -218,6 +220,9 @@ struct Ledger {
     busy: u32,
     /// Of those, connections whose data was released and is being written.
     writing: u32,
+    /// Time lost while a write was pending, and its bytes: the destination's once a
+    /// sender is seen to have had more data (a release), idle if a read finds nothing.
+    pending: (Duration, u64),
     totals: Fidelity,
     /// Sub-nanosecond remainder of `totals.line`, in units of `1/denom` ns.
     line_frac: u128,
@@ -232,6 +237,7 @@ impl Ledger {
             at: now,
             busy: 0,
             writing: 0,
+            pending: (Duration::ZERO, 0),
             totals: Fidelity::default(),
             line_frac: 0,
             late_hi_ns: 0.0,
@@ -361,7 +367,12 @@ impl TokenBucket {
     /// bookings made from now on start after the real wire, so the two clocks agree again.
     pub fn release(&mut self, n: u64, now: Instant, due: Option<Instant>) -> Instant {
         self.advance(now);
-        self.ledger.writing += 1;
+        let l = &mut self.ledger;
+        let (lost, bytes) = std::mem::take(&mut l.pending);
+        let d = Cause::Destination.index();
+        l.totals.lost[d] += lost;
+        l.totals.shortfall_bytes[d] += bytes;
+        l.writing += 1;
         let Some(cost) = self.cost else {
             return now;
         };
@@ -400,7 +411,10 @@ impl TokenBucket {
     /// A busy connection found nothing more to read: it holds no data now.
     pub fn idle(&mut self, now: Instant) {
         self.advance(now);
-        self.ledger.busy = self.ledger.busy.saturating_sub(1);
+        let l = &mut self.ledger;
+        l.busy = l.busy.saturating_sub(1);
+        // The sender had nothing more: the link would have idled during the write too.
+        l.totals.idle += std::mem::take(&mut l.pending).0;
     }
 
     /// The ledger up to `now`.
@@ -446,14 +460,16 @@ impl TokenBucket {
             return;
         }
         let lost = now - start;
-        let cause = if l.writing > 0 {
-            Cause::Destination
+        let bytes = u64::try_from(lost.as_nanos() * cost.denom / cost.per_byte).unwrap_or(u64::MAX);
+        if l.writing > 0 {
+            // Whether the sender had more to send is known at its next read.
+            l.pending.0 += lost;
+            l.pending.1 += bytes;
         } else {
-            Cause::Late
-        };
-        l.totals.lost[cause.index()] += lost;
-        let bytes = lost.as_nanos() * cost.denom / cost.per_byte;
-        l.totals.shortfall_bytes[cause.index()] += u64::try_from(bytes).unwrap_or(u64::MAX);
+            let late = Cause::Late.index();
+            l.totals.lost[late] += lost;
+            l.totals.shortfall_bytes[late] += bytes;
+        }
     }
 
     /// How long the wire is booked beyond `now` (zero when idle): the queue a newcomer

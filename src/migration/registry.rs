@@ -161,6 +161,12 @@ impl RouteAccounting {
                 current,
             );
         }
+        if let Some(sink) = &self.sink {
+            sink.write(&record);
+        }
+        // Logged once the record is written and any fidelity warning is out: a reader
+        // waiting on this line finds both.
+        warn_low_fidelity(&self.route, id, &record);
         info!(
             route = %self.route,
             migration = %id,
@@ -169,10 +175,6 @@ impl RouteAccounting {
             seconds = record.duration_s,
             "migration ended"
         );
-        warn_low_fidelity(&self.route, id, &record);
-        if let Some(sink) = &self.sink {
-            sink.write(&record);
-        }
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         if recent.len() == RECENT_RECORDS {
             recent.pop_front();
