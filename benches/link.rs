@@ -9,6 +9,15 @@
 //! on a second, otherwise idle connection of the same route. migshaper runs as its own
 //! process (the real binary), so its CPU time is read from /proc.
 //!
+//! Beside each migshaper row's measured mean it prints the fidelity the link itself reported
+//! for the run (carried / (carried + shortfall) of the route's `to_destination` direction,
+//! from `GET /metrics` before and after), and whether the two agree within 1 %.
+//!
+//! As root with iproute2, one more row is the kernel's reference: "tc tbf 1gbit (veth)", the
+//! same load over a veth pair into a network namespace the bench creates (and removes),
+//! shaped by tbf on both ends. tbf counts 1514 bytes per 1448-byte segment, so its target
+//! is the payload rate 1e9 × 1448/1514.
+//!
 //! Run: `cargo bench --bench link` (options: `-- --secs 3 --rounds 3 --burst 1ms`).
 //! Prints a Markdown table; figures are means over rounds.
 
@@ -38,7 +47,7 @@ struct Args {
     /// migshaper's --burst for the shaped routes.
     #[arg(long, default_value = "1ms")]
     burst: String,
-    /// Only run configurations whose name contains this.
+    /// Only run configurations whose name contains one of these (comma-separated).
     #[arg(long)]
     only: Option<String>,
     /// Ignored (cargo bench passes it).
@@ -51,6 +60,16 @@ const RECORD: usize = 32 * 1024;
 const PING_EVERY: Duration = Duration::from_millis(10);
 const TAG_BULK: u8 = 0;
 const TAG_PONG: u8 = 1;
+
+/// The counters of the link's own ledger (payload bytes carried, bytes of link time lost).
+const CARRIED: &str = "migshaper_link_carried_bytes_total";
+const SHORTFALL: &str = "migshaper_link_shortfall_bytes_total";
+/// The reference row: tbf on a veth pair, and the payload rate it carries.
+const TC_ROW: &str = "tc tbf 1gbit (veth)";
+const TC_PAYLOAD_RATE: f64 = 1e9 * 1448.0 / 1514.0;
+/// The veth pair's addresses: this namespace's end, the bench namespace's end.
+const TC_LOCAL: &str = "10.77.1.1";
+const TC_REMOTE: &str = "10.77.1.2";
 
 /// Routes of the migshaper under test: name, link, parse, zero copy.
 const ROUTES: [(&str, &str, bool, bool); 7] = [
@@ -69,6 +88,8 @@ struct Target {
     name: &'static str,
     /// Line rate in bits/s (None: no target).
     rate: Option<f64>,
+    /// The migshaper route it goes through (None: no proxy).
+    route: Option<&'static str>,
     /// Where clients connect.
     addr: SocketAddr,
     /// The sink listener behind it.
@@ -90,6 +111,9 @@ struct RunResult {
     ping_inband: Vec<f64>,
     ping_second: Vec<f64>,
     cpu_pct: f64,
+    /// Payload bytes the route's link carried to the destination during the run and the
+    /// bytes of link time it lost (None: no proxy, or the binary exports no ledger).
+    ledger: Option<(f64, f64)>,
 }
 
 fn main() {
@@ -99,9 +123,11 @@ fn main() {
         .collect();
     let (migshaper, routes) = start_migshaper(&args, &sinks[1..]);
     let pid = migshaper.pid();
+    let control = migshaper.control;
     let target = |name, rate, i: usize, replay| Target {
         name,
         rate,
+        route: (i > 0).then(|| ROUTES[i - 1].0),
         addr: if i == 0 {
             sinks[0].local_addr().unwrap()
         } else {
@@ -110,7 +136,7 @@ fn main() {
         sink: sinks[i].clone(),
         replay,
     };
-    let targets = vec![
+    let mut targets = vec![
         target("direct loopback", None, 0, false),
         target("migshaper unlimited", None, 1, false),
         target("migshaper 1g", Some(1e9), 2, false),
@@ -122,6 +148,33 @@ fn main() {
         target("QEMU stream: 10g, parsing on", Some(10e9), 3, true),
         target("QEMU stream: 10g, parsing off", Some(10e9), 5, true),
     ];
+    let selected = |name: &str| {
+        args.only
+            .as_deref()
+            .is_none_or(|o| o.split(',').any(|o| name.contains(o)))
+    };
+    // The kernel's reference link, when this bench may build one.
+    let mut tc_link = None;
+    let mut tc_skipped = None;
+    if selected(TC_ROW) {
+        match TcLink::create() {
+            Ok((link, sink)) => {
+                targets.push(Target {
+                    name: TC_ROW,
+                    rate: Some(TC_PAYLOAD_RATE),
+                    route: None,
+                    addr: sink.local_addr().unwrap(),
+                    sink: Arc::new(sink),
+                    replay: false,
+                });
+                tc_link = Some(link);
+            }
+            Err(why) => {
+                eprintln!("{TC_ROW}: skipped: {why}");
+                tc_skipped = Some(why);
+            }
+        }
+    }
     let capture = Arc::new(load_capture());
     let mut configs = Vec::new();
     for t in &targets {
@@ -131,7 +184,11 @@ fn main() {
             &[1usize, 4][..]
         } {
             let streams = *streams;
-            if args.only.as_deref().is_none_or(|o| t.name.contains(o)) {
+            if args
+                .only
+                .as_deref()
+                .is_none_or(|o| o.split(',').any(|o| t.name.contains(o)))
+            {
                 configs.push((t.clone(), streams));
             }
         }
@@ -141,18 +198,28 @@ fn main() {
     for round in 0..args.rounds {
         for (i, (t, streams)) in configs.iter().enumerate() {
             flushed &= forget_loopback_tcp_metrics();
-            let via_proxy = t.name != "direct loopback";
-            let r = if t.replay {
+            if let Some(link) = &tc_link {
+                link.forget_tcp_metrics();
+            }
+            let before = t.route.and_then(|r| link_ledger(control, r));
+            let mut r = if t.replay {
                 run_replay(t, &capture, args.secs, pid)
             } else {
-                run(t, *streams, args.secs, via_proxy.then_some(pid))
+                run(t, *streams, args.secs, t.route.map(|_| pid))
             };
+            // A route's counters appear with its first carried byte.
+            r.ledger = t.route.and_then(|route| {
+                let (c1, s1) = link_ledger(control, route)?;
+                let (c0, s0) = before.unwrap_or((0.0, 0.0));
+                Some((c1 - c0, s1 - s0))
+            });
             eprintln!(
-                "round {} {:>20} x{}: {:.3} Gb/s, max100 {:.3}, first100 {:.3}, ping {:.2}/{:.2} ms",
+                "round {} {:>20} x{}: {:.3} Gb/s, fidelity {}, max100 {:.3}, first100 {:.3}, ping {:.2}/{:.2} ms",
                 round + 1,
                 t.name,
                 streams,
                 r.gbps,
+                fidelity(std::slice::from_ref(&r)).map_or("n/a".into(), |f| format!("{f:.4}")),
                 r.max_window,
                 r.first_window,
                 pct(&r.ping_inband, 50.0),
@@ -162,6 +229,7 @@ fn main() {
         }
     }
     drop(migshaper);
+    drop(tc_link);
     if !flushed {
         eprintln!(
             "WARNING: could not flush the kernel's cached TCP metrics for 127.0.0.0/8 \
@@ -171,6 +239,233 @@ fn main() {
         );
     }
     print_table(&args, &configs, &results);
+    if let Some(why) = tc_skipped {
+        println!("\n{TC_ROW}: skipped: {why}");
+    }
+    print_ping_check(&configs, &results);
+}
+
+/// The kernel's reference link: a network namespace, a veth pair into it and tbf 1gbit on
+/// both ends' egress (`burst` max(4 ms, 64 KB), `latency 20ms`), as scripts/lab/compare-tc
+/// builds it. Removed when dropped (also when the bench panics).
+struct TcLink {
+    ns: String,
+    dev: String,
+}
+
+impl TcLink {
+    /// Builds the link and binds the sink inside the namespace (a socket stays in the
+    /// namespace it was created in, whichever thread uses it later). Err says why not.
+    fn create() -> Result<(TcLink, TcpListener), String> {
+        let euid = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                let l = s.lines().find(|l| l.starts_with("Uid:"))?.to_owned();
+                l.split_whitespace().nth(2)?.parse::<u32>().ok()
+            });
+        if euid != Some(0) {
+            return Err("needs root (network namespace, veth pair, tc)".into());
+        }
+        for tool in ["ip", "tc"] {
+            if !Command::new(tool)
+                .arg("-V")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                return Err(format!("`{tool}` not found (iproute2)"));
+            }
+        }
+        let in_use = Command::new("ip")
+            .args(["-4", "-o", "addr", "show", "to", &format!("{TC_LOCAL}/30")])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !in_use.stdout.is_empty() {
+            return Err(format!(
+                "{TC_LOCAL}/30 is in use here: {}",
+                String::from_utf8_lossy(&in_use.stdout).trim()
+            ));
+        }
+        let tag = format!("mslb{}", std::process::id());
+        let link = TcLink {
+            ns: tag.clone(),
+            dev: format!("{tag}r"),
+        };
+        let peer = format!("{tag}n");
+        let burst = (1e9_f64 * 0.004 / 8.0).max(65536.0).to_string();
+        let tbf = |dev: &str| {
+            vec![
+                "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", "1gbit", "burst", &burst,
+                "latency", "20ms",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>()
+        };
+        let ns = link.ns.clone();
+        let in_ns = |cmd: Vec<String>| {
+            ["ip", "netns", "exec", &ns]
+                .into_iter()
+                .map(String::from)
+                .chain(cmd)
+                .collect::<Vec<_>>()
+        };
+        let words = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+        let steps = [
+            words(&format!("ip netns add {}", link.ns)),
+            words(&format!(
+                "ip link add {} type veth peer name {peer} netns {}",
+                link.dev, link.ns
+            )),
+            words(&format!("ip addr add {TC_LOCAL}/30 dev {}", link.dev)),
+            words(&format!("ip link set {} up", link.dev)),
+            words(&format!(
+                "ip -n {} addr add {TC_REMOTE}/30 dev {peer}",
+                link.ns
+            )),
+            words(&format!("ip -n {} link set {peer} up", link.ns)),
+            words(&format!("ip -n {} link set lo up", link.ns)),
+            tbf(&link.dev),
+            in_ns(tbf(&peer)),
+        ];
+        // From here on, dropping `link` removes whatever was made.
+        for step in steps {
+            let out = Command::new(&step[0])
+                .args(&step[1..])
+                .output()
+                .map_err(|e| format!("{}: {e}", step.join(" ")))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "`{}` failed: {}",
+                    step.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+        let path = format!("/var/run/netns/{}", link.ns);
+        let sink = thread::spawn(move || -> std::io::Result<TcpListener> {
+            // Only this thread enters the namespace; the listener stays there.
+            let ns = std::fs::File::open(path)?;
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            TcpListener::bind((TC_REMOTE, 0))
+        })
+        .join()
+        .expect("namespace thread")
+        .map_err(|e| format!("cannot listen in the namespace: {e}"))?;
+        Ok((link, sink))
+    }
+
+    /// The reference link's share of [`forget_loopback_tcp_metrics`]: both ends.
+    fn forget_tcp_metrics(&self) {
+        for args in [
+            vec!["tcp_metrics", "flush", TC_REMOTE],
+            vec!["-n", &self.ns, "tcp_metrics", "flush"],
+        ] {
+            let _ = Command::new("ip")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for TcLink {
+    fn drop(&mut self) {
+        // Deleting one end of the pair deletes both, with their qdiscs.
+        for args in [
+            vec!["link", "del", self.dev.as_str()],
+            vec!["netns", "del", self.ns.as_str()],
+        ] {
+            let _ = Command::new("ip")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// One GET to the control API; the response body.
+fn http_get(addr: SocketAddr, path: &str) -> Result<String, ureq::Error> {
+    ureq::get(format!("http://{addr}{path}"))
+        .call()?
+        .into_body()
+        .read_to_string()
+}
+
+/// The route's `to_destination` ledger from migshaper's metrics: (payload bytes carried,
+/// bytes of shortfall over every cause). None when the binary exports no such counters (or
+/// the route has not carried anything yet).
+fn link_ledger(control: SocketAddr, route: &str) -> Option<(f64, f64)> {
+    let text = http_get(control, "/metrics").ok()?;
+    let want_route = format!("route=\"{route}\"");
+    let (mut carried, mut shortfall) = (None, 0.0);
+    for line in text.lines() {
+        let Some((name, rest)) = line.split_once('{') else {
+            continue;
+        };
+        if name != CARRIED && name != SHORTFALL {
+            continue;
+        }
+        let Some((labels, value)) = rest.rsplit_once('}') else {
+            continue;
+        };
+        let labels: Vec<&str> = labels.split(',').map(str::trim).collect();
+        if !labels.contains(&want_route.as_str())
+            || !labels.contains(&"direction=\"to_destination\"")
+        {
+            continue;
+        }
+        let Some(v) = value
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        else {
+            continue;
+        };
+        if name == CARRIED {
+            carried = Some(carried.unwrap_or(0.0) + v);
+        } else {
+            shortfall += v;
+        }
+    }
+    carried.map(|c| (c, shortfall))
+}
+
+/// carried / (carried + shortfall) over these runs; None if any run has no ledger.
+fn fidelity(rs: &[RunResult]) -> Option<f64> {
+    let (c, s) = rs.iter().try_fold((0.0, 0.0), |(c, s), r| {
+        r.ledger.map(|(rc, rs)| (c + rc, s + rs))
+    })?;
+    (c > 0.0).then(|| c / (c + s))
+}
+
+/// The in-band ping through migshaper at 1g against tbf's, from the same run.
+fn print_ping_check(configs: &[(Target, usize)], results: &[Vec<RunResult>]) {
+    let p50 = |name: &str, streams: usize| {
+        configs
+            .iter()
+            .zip(results)
+            .find(|((t, s), _)| t.name == name && *s == streams)
+            .map(|(_, rs)| {
+                let v: Vec<f64> = rs.iter().flat_map(|r| r.ping_inband.clone()).collect();
+                pct(&v, 50.0)
+            })
+    };
+    for streams in [1, 4] {
+        if let (Some(ms), Some(tc)) = (p50("migshaper 1g", streams), p50(TC_ROW, streams)) {
+            println!(
+                "in-band ping p50, {streams} stream(s): migshaper 1g {ms:.2} ms, {TC_ROW} {tc:.2} ms: {}",
+                if ms <= tc {
+                    "migshaper <= tbf"
+                } else {
+                    "migshaper ABOVE tbf"
+                }
+            );
+        }
+    }
 }
 
 /// Forgets what the kernel learned about earlier loopback connections, so every run starts
@@ -277,6 +572,7 @@ fn run_replay(t: &Target, capture: &Arc<Vec<u8>>, secs: f64, pid: u32) -> RunRes
         ping_inband: Vec::new(),
         ping_second: Vec::new(),
         cpu_pct: cpu,
+        ledger: None,
     }
 }
 
@@ -388,6 +684,7 @@ fn run(t: &Target, streams: usize, secs: f64, pid: Option<u32>) -> RunResult {
         ping_inband: inband,
         ping_second: second,
         cpu_pct: cpu,
+        ledger: None,
     }
 }
 
@@ -638,9 +935,9 @@ fn print_table(args: &Args, configs: &[(Target, usize)], results: &[Vec<RunResul
         thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "| configuration | streams | Gb/s | mean/target | max 100 ms/target | max 100 ms at read/target | first 100 ms/target | conn min/mean | in-band ping p50 / p99 (ms) | 2nd-conn ping p50 / p99 (ms) | proxy CPU % | CPU %/(Gb/s) |"
+        "| configuration | streams | Gb/s | mean/target | link fidelity | agree | max 100 ms/target | max 100 ms at read/target | first 100 ms/target | conn min/mean | in-band ping p50 / p99 (ms) | 2nd-conn ping p50 / p99 (ms) | proxy CPU % | CPU %/(Gb/s) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let direct1 = configs
         .iter()
         .zip(results)
@@ -664,13 +961,31 @@ fn print_table(args: &Args, configs: &[(Target, usize)], results: &[Vec<RunResul
         let inband: Vec<f64> = rs.iter().flat_map(|r| r.ping_inband.clone()).collect();
         let second: Vec<f64> = rs.iter().flat_map(|r| r.ping_second.clone()).collect();
         let cpu = mean(rs.iter().map(|r| r.cpu_pct));
-        let via_proxy = t.name != "direct loopback";
+        let via_proxy = t.route.is_some();
+        // The link's own account beside the measured mean: they should agree within 1 %
+        // whenever the link was backlogged for the whole run.
+        let fid = fidelity(rs);
+        let (fid_s, agree) = match (via_proxy, fid, t.rate) {
+            (false, _, _) => ("-".to_owned(), "-".to_owned()),
+            (true, None, _) => ("n/a".to_owned(), "-".to_owned()),
+            (true, Some(f), None) => (format!("{f:.4}"), "-".to_owned()),
+            (true, Some(f), Some(rate)) => (
+                format!("{f:.4}"),
+                if (f - gbps * 1e9 / rate).abs() <= 0.01 {
+                    "yes".to_owned()
+                } else {
+                    "no".to_owned()
+                },
+            ),
+        };
         let row = format!(
-            "| {} | {} | {:.3} | {} | {} | {} | {} | {:.3} | {:.2} / {:.2} | {:.2} / {:.2} | {} | {} |",
+            "| {} | {} | {:.3} | {} | {} | {} | {} | {} | {} | {:.3} | {:.2} / {:.2} | {:.2} / {:.2} | {} | {} |",
             t.name,
             streams,
             gbps,
             mean_t,
+            fid_s,
+            agree,
             ratio(&|r| r.max_window),
             ratio(&|r| r.max_window_read),
             ratio(&|r| r.first_window),
