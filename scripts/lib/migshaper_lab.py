@@ -46,10 +46,11 @@ def free_port():
     return free_ports(1)[0]
 
 
-def listening(host, port):
-    """True if a TCP socket listens on host:port (or on the wildcard), per /proc/net/tcp{,6}.
-    Never connects: a probe connection to a migration listener would be taken for the
-    migration stream."""
+def listening(host, port, pid=None):
+    """True if a TCP socket listens on host:port (or on the wildcard), per /proc/net/tcp{,6}
+    (with `pid`: /proc/PID/net/tcp{,6}, the network namespace of that process). Never
+    connects: a probe connection to a migration listener would be taken for the migration
+    stream."""
     want = set()
     try:
         ip = socket.gethostbyname(host)
@@ -57,7 +58,8 @@ def listening(host, port):
     except OSError:
         pass
     want.add("00000000")
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+    base = f"/proc/{pid}/net" if pid else "/proc/net"
+    for path in (f"{base}/tcp", f"{base}/tcp6"):
         try:
             with open(path) as f:
                 next(f)
@@ -75,12 +77,13 @@ def listening(host, port):
     return False
 
 
-def wait_listening(host, port, timeout=10.0, alive=None):
-    """Waits until something listens on host:port (see listening()). False if `timeout`
-    seconds pass first, or if alive() (the process expected to listen) turns false.
-    /proc offers no notification, so this polls every 50 ms."""
+def wait_listening(host, port, timeout=10.0, alive=None, pid=None):
+    """Waits until something listens on host:port (see listening(); `pid`: in that process's
+    network namespace). False if `timeout` seconds pass first, or if alive() (the process
+    expected to listen) turns false. /proc offers no notification, so this polls every
+    50 ms."""
     deadline = time.time() + timeout
-    while not listening(host, port):
+    while not listening(host, port, pid):
         if time.time() > deadline or (alive is not None and not alive()):
             return False
         time.sleep(0.05)
