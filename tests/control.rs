@@ -219,6 +219,20 @@ async fn metrics_and_migrations_follow_a_migration_live_and_match_its_record() {
     assert!(ratio > 0.0 && ratio < 1.0, "first pass under way: {ratio}");
     let route_view = get_json(base, "/routes/test").await;
     assert_eq!(route_view["migration"]["id"], active["id"]);
+    // The link's fidelity so far, live: 30 MB carried towards the destination.
+    let live_fidelity = &active["fidelity"]["to_destination"];
+    assert!(
+        live_fidelity["carried_bytes"].as_u64().unwrap() + 512 >= first as u64,
+        "{live_fidelity}"
+    );
+    assert!(
+        live_fidelity["ratio"].as_f64().unwrap() > 0.0,
+        "{live_fidelity}"
+    );
+    assert!(
+        live_fidelity["backlogged_seconds"].as_f64().unwrap() > 0.2,
+        "{live_fidelity}"
+    );
 
     // Switch the link mid-migration; the record notes it.
     let (status, body) = http(
@@ -328,8 +342,44 @@ async fn metrics_and_migrations_follow_a_migration_live_and_match_its_record() {
         ),
         1.25e9
     );
+    // The record's fidelity agrees with the link's counters (this was the route's only
+    // migration, and nothing else used its link).
+    let f = &rec.fidelity.to_destination;
+    let fdir = [("route", r), ("direction", "to_destination")];
+    assert_eq!(
+        metric(&m, "migshaper_link_carried_bytes_total", &fdir),
+        f.carried_bytes as f64
+    );
+    assert_eq!(
+        f.carried_bytes,
+        rec.bytes.to_destination.values().sum::<u64>()
+    );
+    for cause in ["late", "destination"] {
+        let labels = [
+            ("route", r),
+            ("direction", "to_destination"),
+            ("cause", cause),
+        ];
+        let counted = metric(&m, "migshaper_link_shortfall_bytes_total", &labels);
+        // The record closes its ledger when the migration ends; a scrape later may add a
+        // little lost time of the last moments, never less.
+        assert!(counted >= f.shortfall_bytes[cause] as f64, "{cause}");
+    }
+    let backlogged = metric(&m, "migshaper_link_backlogged_seconds_total", &fdir);
+    assert!(
+        backlogged >= f.backlogged_seconds - 1e-6,
+        "{backlogged} {f:?}"
+    );
+    assert!(f.ratio.is_some_and(|x| x > 0.0 && x <= 1.0), "{f:?}");
+    for phase in ["precopy", "postcopy"] {
+        assert!(f.phases[phase].is_some(), "{phase}: {f:?}");
+    }
     let done = get_json(base, "/migrations").await;
     assert_eq!(done["active"], json!([]));
+    assert_eq!(
+        done["recent"][0]["fidelity"]["to_destination"]["carried_bytes"],
+        f.carried_bytes
+    );
     assert_eq!(done["recent"][0]["id"], rec.id.as_str());
     server.shutdown().await;
 }
