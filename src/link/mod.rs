@@ -163,6 +163,7 @@ impl Link {
             last_release: None,
             busy: false,
             writing: false,
+            timer: pacer::Timer::default(),
         }
     }
 
@@ -211,6 +212,8 @@ pub struct Flow {
     busy: bool,
     /// Its released data is being written.
     writing: bool,
+    /// The flow's own timer for its waits.
+    timer: pacer::Timer,
 }
 
 impl Flow {
@@ -232,7 +235,7 @@ impl Flow {
         let mut now = start;
         let mut due = None;
         if at.saturating_duration_since(now) >= MIN_SLEEP {
-            pacer::sleep_until(at).await;
+            self.timer.sleep_until(at).await;
             now = Instant::now();
             due = Some(at);
         }
@@ -244,7 +247,7 @@ impl Flow {
             return at.saturating_duration_since(start);
         }
         if go.saturating_duration_since(now) >= MIN_SLEEP {
-            pacer::sleep_until(go).await;
+            self.timer.sleep_until(go).await;
         }
         go.max(at).saturating_duration_since(start)
     }
