@@ -31,11 +31,12 @@
 //! # Late wake-ups
 //! A holder that wakes late by `L` finds `L` of credit accrued meanwhile: nothing is lost as
 //! long as its chunk plus `L` fits in the burst. So the chunk size follows the host: the
-//! bucket keeps the recent worst lateness (halving every [`LATENESS_HALF_LIFE`]) and
+//! bucket tracks the 99th percentile of its holders' lateness ([`LATENESS_QUANTILE`]) and
 //! [`TokenBucket::chunk_fraction`] shrinks chunks from half the burst towards a tenth of it
 //! as wake-ups get later. On a host whose timers fire on time chunks stay large (fewer
-//! wake-ups); on one that wakes up to 90 % of the burst late they are small enough that
-//! the mean stays exact.
+//! wake-ups, the cost of shaping); on one that wakes up to 90 % of the burst late they are
+//! small enough that the mean stays exact. A percentile, not the worst case: a rare stall
+//! longer than the burst is lost whatever the chunk, and must not cost every other chunk.
 //!
 //! # Fidelity
 //! The bucket also keeps the link's own ledger ([`Fidelity`]): what it carried, and every
@@ -82,8 +83,10 @@ impl Shape {
     }
 }
 
-/// Largest chunk, as a share of the burst: a holder on time leaves the other half of the
-/// burst for its lateness.
+/// Largest chunk, as a share of the burst, for holders that wake on time: the other half
+/// absorbs their lateness, and a holder held back on the real wire that then wakes late
+/// still keeps every 100 ms window within the rate plus the burst (at 0.8 the sans-IO
+/// simulation with four flows exceeded it by 0.3 %).
 pub const MAX_CHUNK_FRACTION: f64 = 0.5;
 /// Smallest chunk, as a share of the burst: absorbs wake-ups late by up to 90 % of it.
 pub const MIN_CHUNK_FRACTION: f64 = 0.1;
@@ -207,9 +210,11 @@ impl Fidelity {
     }
 }
 
-/// How fast the remembered worst lateness fades: a host that was late once gets its large
-/// chunks back within seconds of being on time again.
-pub const LATENESS_HALF_LIFE: Duration = Duration::from_secs(2);
+/// The share of wake-ups whose lateness chunks are sized to absorb.
+pub const LATENESS_QUANTILE: f64 = 0.99;
+/// Step of the percentile tracker, as a share of the burst: it climbs to a new lateness in
+/// about 30 late wake-ups and comes back down in about 3,000 on-time ones.
+const LATENESS_STEP: f64 = 1.0 / 32.0;
 
 /// The fidelity ledger of one direction (see the module docs).
 #[derive(Debug, Clone)]
@@ -226,9 +231,8 @@ struct Ledger {
     totals: Fidelity,
     /// Sub-nanosecond remainder of `totals.line`, in units of `1/denom` ns.
     line_frac: u128,
-    /// Recent worst lateness of a holder's wake-up, in ns, as of `late_at`.
-    late_hi_ns: f64,
-    late_at: Instant,
+    /// The tracked [`LATENESS_QUANTILE`] of holders' lateness, as a share of the burst.
+    late_q: f64,
 }
 
 impl Ledger {
@@ -240,15 +244,20 @@ impl Ledger {
             pending: (Duration::ZERO, 0),
             totals: Fidelity::default(),
             line_frac: 0,
-            late_hi_ns: 0.0,
-            late_at: now,
+            late_q: 0.0,
         }
     }
 
-    /// The remembered worst lateness, faded to `now`.
-    fn late_hi(&self, now: Instant) -> f64 {
-        let dt = now.saturating_duration_since(self.late_at).as_secs_f64();
-        self.late_hi_ns * 0.5f64.powf(dt / LATENESS_HALF_LIFE.as_secs_f64())
+    /// Moves the percentile towards a wake-up `late` (a share of the burst): up by
+    /// `q` steps when it was later, down by `1 - q` when not, which settles where a share
+    /// `1 - q` of wake-ups is later (stochastic quantile tracking).
+    fn learn_lateness(&mut self, late: f64) {
+        let step = if late > self.late_q {
+            LATENESS_STEP * LATENESS_QUANTILE
+        } else {
+            -LATENESS_STEP * (1.0 - LATENESS_QUANTILE)
+        };
+        self.late_q = (self.late_q + step).clamp(0.0, 1.0);
     }
 }
 
@@ -378,9 +387,10 @@ impl TokenBucket {
         };
         if let Some(due) = due {
             let late = now.saturating_duration_since(due).as_nanos() as f64;
-            let l = &mut self.ledger;
-            l.late_hi_ns = l.late_hi(now).max(late);
-            l.late_at = l.late_at.max(now);
+            let tau = cost.tau.as_nanos() as f64;
+            if tau > 0.0 {
+                self.ledger.learn_lateness(late / tau);
+            }
         }
         let l = &mut self.ledger;
         l.totals.carried_bytes += n;
@@ -423,19 +433,11 @@ impl TokenBucket {
         self.ledger.totals
     }
 
-    /// The share of the burst a chunk should take now: half of it while holders wake on
-    /// time, down to a tenth as their recent worst lateness grows, so that a chunk plus
-    /// the lateness still fits in the burst (see the module docs).
-    pub fn chunk_fraction(&self, now: Instant) -> f64 {
-        let Some(cost) = self.cost else {
-            return MAX_CHUNK_FRACTION;
-        };
-        let tau = cost.tau.as_nanos() as f64;
-        if tau <= 0.0 {
-            return MAX_CHUNK_FRACTION;
-        }
-        (1.0 - LATENESS_MARGIN * self.ledger.late_hi(now) / tau)
-            .clamp(MIN_CHUNK_FRACTION, MAX_CHUNK_FRACTION)
+    /// The share of the burst a chunk should take: half of it while holders wake on time,
+    /// down to a tenth as their lateness (its [`LATENESS_QUANTILE`]) grows, so that a chunk
+    /// plus the lateness still fits in the burst (see the module docs).
+    pub fn chunk_fraction(&self) -> f64 {
+        (1.0 - LATENESS_MARGIN * self.ledger.late_q).clamp(MIN_CHUNK_FRACTION, MAX_CHUNK_FRACTION)
     }
 
     /// Books the time from the last event to `now`: idle when no connection held data;
@@ -842,7 +844,7 @@ mod tests {
                 }
                 flows[i] = match st {
                     St::Read => {
-                        let n = ((self.burst as f64 * self.b.chunk_fraction(now)) as u64).max(1);
+                        let n = ((self.burst as f64 * self.b.chunk_fraction()) as u64).max(1);
                         if !busy {
                             self.b.busy(now);
                         }
@@ -924,7 +926,7 @@ mod tests {
             assert!(f.ratio().unwrap() > 0.999, "{rate} x{flows}: {f:?}");
             assert_eq!(f.carried_bytes, sent);
             // The chunks shrank to absorb the lateness.
-            let frac = sim.b.chunk_fraction(out.last().unwrap().0);
+            let frac = sim.b.chunk_fraction();
             assert!(frac < 0.2, "{rate} x{flows}: chunk fraction {frac}");
         }
     }
@@ -933,8 +935,29 @@ mod tests {
     fn on_time_wakeups_keep_chunks_at_half_the_burst() {
         let mut sim = Sim::new("1g", 1);
         let out = sim.run(2.0, || Duration::from_micros(5), |_| Duration::ZERO);
-        let frac = sim.b.chunk_fraction(out.last().unwrap().0);
+        let frac = sim.b.chunk_fraction();
         assert!(frac > 0.49, "{frac}");
+    }
+
+    #[test]
+    fn rare_stalls_beyond_the_burst_do_not_shrink_every_chunk() {
+        let mut sim = Sim::new("1g", 1);
+        let mut rng = 3;
+        // Wake-ups 0 - 100 us late, and one in 300 stalls 3 ms: lost whatever the chunk.
+        let out = sim.run(
+            3.0,
+            || {
+                if lcg(&mut rng) % 300 == 0 {
+                    Duration::from_millis(3)
+                } else {
+                    Duration::from_micros(lcg(&mut rng) % 100)
+                }
+            },
+            |_| Duration::ZERO,
+        );
+        assert!(sim.b.chunk_fraction() > 0.49, "{}", sim.b.chunk_fraction());
+        let f = sim.b.fidelity(out.last().unwrap().0);
+        assert!(f.shortfall_bytes[Cause::Late.index()] > 0, "{f:?}");
     }
 
     #[test]

@@ -136,7 +136,7 @@ impl Link {
     pub fn chunk_limit(&self, dir: Direction, max: usize) -> usize {
         let (shape, fraction) = {
             let b = self.bucket(dir);
-            (b.shape(), b.chunk_fraction(Instant::now()))
+            (b.shape(), b.chunk_fraction())
         };
         let (Some(burst), Some(bits)) = (
             shape.burst_payload_bytes(),

@@ -192,13 +192,10 @@ impl Timer {
             let Ok(mut guard) = fd.readable().await else {
                 return sleep_until(at).await;
             };
-            // Consume the expiry; the timer is one-shot, so it is not readable again until
-            // re-armed: clear tokio's readiness with it (else the next wait would poll once
-            // for nothing).
-            let _ = guard.try_io(|inner| match inner.get_ref().0.wait() {
-                Ok(()) => Err::<(), _>(std::io::ErrorKind::WouldBlock.into()),
-                Err(e) => Err(std::io::Error::from(e)),
-            });
+            // Clear tokio's readiness (else the next wait would poll once for nothing). The
+            // expiry need not be read: re-arming resets the timer's count, and the epoll
+            // registration is edge-triggered, so the next expiry wakes the worker again.
+            guard.clear_ready();
         }
     }
 }
