@@ -937,6 +937,8 @@ mod tests {
         let out = sim.run(2.0, || Duration::from_micros(5), |_| Duration::ZERO);
         let frac = sim.b.chunk_fraction();
         assert!(frac > 0.49, "{frac}");
+        let f = sim.b.fidelity(out.last().unwrap().0);
+        assert_eq!(f.shortfall_total(), 0, "{f:?}");
     }
 
     #[test]
