@@ -145,6 +145,7 @@ fn main() {
         target("migshaper 10g, copy path", Some(10e9), 7, false),
         target("QEMU stream: unlimited, parsing on", None, 1, true),
         target("QEMU stream: unlimited, parsing off", None, 4, true),
+        target("QEMU stream: 1g, parsing on", Some(1e9), 2, true),
         target("QEMU stream: 10g, parsing on", Some(10e9), 3, true),
         target("QEMU stream: 10g, parsing off", Some(10e9), 5, true),
     ];
