@@ -18,7 +18,8 @@
 //! shaped by tbf on both ends. tbf counts 1514 bytes per 1448-byte segment, so its target
 //! is the payload rate 1e9 × 1448/1514.
 //!
-//! Run: `cargo bench --bench link` (options: `-- --secs 3 --rounds 3 --burst 1ms`).
+//! Run: `cargo bench --bench link` (options: `-- --secs 3 --rounds 3 --burst 1ms
+//! --realtime 10 --only "migshaper 1g,tc tbf"`).
 //! Prints a Markdown table; figures are means over rounds.
 
 use std::io::{Read, Write};
@@ -47,6 +48,10 @@ struct Args {
     /// migshaper's --burst for the shaped routes.
     #[arg(long, default_value = "1ms")]
     burst: String,
+    /// Run migshaper at SCHED_FIFO priority PRIO (through `chrt -f`; root), as a host
+    /// shared with busy neighbours should (0: normal priority).
+    #[arg(long, default_value_t = 0, value_name = "PRIO")]
+    realtime: u8,
     /// Only run configurations whose name contains one of these (comma-separated).
     #[arg(long)]
     only: Option<String>,
@@ -499,7 +504,15 @@ fn start_migshaper(args: &Args, sinks: &[Arc<TcpListener>]) -> (Spawned, Vec<Soc
         );
     }
     std::fs::write(&config, text).unwrap();
-    let mut cmd = migshaper();
+    let mut cmd = if args.realtime > 0 {
+        // chrt execs migshaper: the pid (and its CPU time in /proc) stays migshaper's.
+        let mut c = Command::new("chrt");
+        c.args(["-f", &args.realtime.to_string()])
+            .arg(migshaper().get_program());
+        c
+    } else {
+        migshaper()
+    };
     cmd.args(["serve", "--control", "127.0.0.1:0", "--config"])
         .arg(&config);
     let server = Spawned::start(cmd);
@@ -929,11 +942,16 @@ fn mean(v: impl Iterator<Item = f64>) -> f64 {
 
 fn print_table(args: &Args, configs: &[(Target, usize)], results: &[Vec<RunResult>]) {
     println!(
-        "\nmigshaper link benchmark: {} rounds x {} s per run, burst {}, framing none, {} cores\n",
+        "\nmigshaper link benchmark: {} rounds x {} s per run, burst {}, framing none, {} cores, migshaper at {}\n",
         args.rounds,
         args.secs,
         args.burst,
-        thread::available_parallelism().map_or(0, |n| n.get())
+        thread::available_parallelism().map_or(0, |n| n.get()),
+        if args.realtime > 0 {
+            format!("SCHED_FIFO {}", args.realtime)
+        } else {
+            "normal priority".to_string()
+        }
     );
     println!(
         "| configuration | streams | Gb/s | mean/target | link fidelity | agree | max 100 ms/target | max 100 ms at read/target | first 100 ms/target | conn min/mean | in-band ping p50 / p99 (ms) | 2nd-conn ping p50 / p99 (ms) | proxy CPU % | CPU %/(Gb/s) |"
