@@ -104,6 +104,16 @@ struct Cost {
     tau: Duration,
 }
 
+impl Cost {
+    /// The line time of `n` payload bytes, exactly: whole nanoseconds, with the remainder
+    /// carried in `frac` (units of `1/denom` ns) to the next call.
+    fn time_of(&self, n: u64, frac: &mut u128) -> Duration {
+        let total = u128::from(n) * self.per_byte + *frac;
+        *frac = total % self.denom;
+        Duration::from_nanos((total / self.denom).min(u128::from(u64::MAX)) as u64)
+    }
+}
+
 /// One direction of a link: a virtual wire with a reservation queue.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
@@ -276,9 +286,7 @@ impl Wire {
 
     /// Appends `n` bytes at `cost` and returns how long they take.
     fn charge(&mut self, n: u64, cost: &Cost) -> Duration {
-        let total = u128::from(n) * cost.per_byte + self.frac;
-        self.frac = total % cost.denom;
-        let d = Duration::from_nanos((total / cost.denom).min(u128::from(u64::MAX)) as u64);
+        let d = cost.time_of(n, &mut self.frac);
         self.end += d;
         d
     }

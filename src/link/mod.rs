@@ -166,38 +166,6 @@ impl Link {
             timer: pacer::Timer::default(),
         }
     }
-
-    /// Books the wire for `n` payload bytes of `flow` at `now` and returns when they may
-    /// leave; the flow counts as holding data from now on.
-    ///
-    /// A sparse flow (a small chunk after at least [`SPARSE_GAP`] of silence, such as a
-    /// post-copy page request or a preempt-channel page) is served ahead of bulk bookings,
-    /// like fair queueing on a real link; everything else is first come, first served.
-    pub fn book(&self, n: usize, flow: &mut Flow, now: Instant) -> Instant {
-        self.book_flow(n, flow, now).0
-    }
-
-    /// [`Link::book`], also telling whether the chunk was served as a sparse flow's.
-    fn book_flow(&self, n: usize, flow: &mut Flow, now: Instant) -> (Instant, bool) {
-        let sparse = n <= SPARSE_MAX
-            && flow
-                .last_release
-                .is_none_or(|t| now.saturating_duration_since(t) >= SPARSE_GAP);
-        let at = {
-            let mut bucket = self.bucket(flow.dir);
-            if !flow.busy {
-                bucket.busy(now);
-                flow.busy = true;
-            }
-            if sparse {
-                bucket.reserve_sparse(n as u64, now)
-            } else {
-                bucket.reserve(n as u64, now)
-            }
-        };
-        flow.last_release = Some(at);
-        (at, sparse)
-    }
 }
 
 /// One connection direction's handle on its link: its place in the fair queue and its
@@ -217,21 +185,52 @@ pub struct Flow {
 }
 
 impl Flow {
+    /// Books the wire for `n` payload bytes at `now` and returns when they may leave; the
+    /// flow counts as holding data from now on.
+    ///
+    /// A sparse flow (a small chunk after at least [`SPARSE_GAP`] of silence, such as a
+    /// post-copy page request or a preempt-channel page) is served ahead of bulk bookings,
+    /// like fair queueing on a real link; everything else is first come, first served.
+    pub fn book(&mut self, n: usize, now: Instant) -> Instant {
+        self.book_sparse(n, now).0
+    }
+
+    /// [`Flow::book`], also telling whether the chunk was served as a sparse flow's.
+    fn book_sparse(&mut self, n: usize, now: Instant) -> (Instant, bool) {
+        let sparse = n <= SPARSE_MAX
+            && self
+                .last_release
+                .is_none_or(|t| now.saturating_duration_since(t) >= SPARSE_GAP);
+        let at = {
+            let mut bucket = self.link.bucket(self.dir);
+            if !self.busy {
+                bucket.busy(now);
+                self.busy = true;
+            }
+            if sparse {
+                bucket.reserve_sparse(n as u64, now)
+            } else {
+                bucket.reserve(n as u64, now)
+            }
+        };
+        self.last_release = Some(at);
+        (at, sparse)
+    }
+
     /// The largest chunk to read now (see [`Link::chunk_limit`]).
     pub fn chunk_limit(&self, max: usize) -> usize {
         self.link.chunk_limit(self.dir, max)
     }
 
-    /// Books `n` bytes (see [`Link::book`]) and waits until they may leave; returns how
+    /// Books `n` bytes (see [`Flow::book`]) and waits until they may leave; returns how
     /// long it waited (the saturation signal). Then books the release on the wire's actual
     /// output ([`TokenBucket::release`]): if this task ran late, the bytes booked behind it
     /// wait again rather than leave in one burst with it. Cancel-safe: dropping the future
     /// forfeits the wait, not the charge. Call [`Flow::written`] once the bytes are handed
     /// to the receiving side.
     pub async fn acquire(&mut self, n: usize) -> Duration {
-        let link = self.link.clone();
         let start = Instant::now();
-        let (at, sparse) = link.book_flow(n, self, start);
+        let (at, sparse) = self.book_sparse(n, start);
         let mut now = start;
         let mut due = None;
         if at.saturating_duration_since(now) >= MIN_SLEEP {
@@ -239,7 +238,7 @@ impl Flow {
             now = Instant::now();
             due = Some(at);
         }
-        let go = link.bucket(self.dir).release(n as u64, now, due);
+        let go = self.link.bucket(self.dir).release(n as u64, now, due);
         self.writing = true;
         if sparse {
             // Charged on the real wire too, but a sparse message never waits behind bulk
@@ -339,15 +338,15 @@ mod tests {
             link.flow(Direction::ToDestination),
         );
         // Two bulk flows share one bucket: 2 x 125 kB take 2 ms in total.
-        link.book(125_000, &mut a, t0);
-        let second = link.book(125_000, &mut b, t0);
+        a.book(125_000, t0);
+        let second = b.book(125_000, t0);
         assert!(
             second - t0 >= Duration::from_micros(1900),
             "{:?}",
             second - t0
         );
         // The reverse direction is idle: a small message leaves at once.
-        let rp = link.book(64, &mut link.flow(Direction::ToSource), t0);
+        let rp = link.flow(Direction::ToSource).book(64, t0);
         assert!(rp - t0 < Duration::from_micros(1));
     }
 
@@ -357,17 +356,17 @@ mod tests {
         let t0 = Instant::now();
         let mut bulk = link.flow(Direction::ToDestination);
         for _ in 0..8 {
-            link.book(125_000, &mut bulk, t0);
+            bulk.book(125_000, t0);
         }
         // 8 ms of bulk is booked; a page request on another flow goes first.
         let mut pages = link.flow(Direction::ToDestination);
-        let first = link.book(4096, &mut pages, t0);
+        let first = pages.book(4096, t0);
         assert!(first - t0 < Duration::from_micros(40), "{:?}", first - t0);
         // Right after, the same flow is not sparse any more: it queues like everyone.
-        let again = link.book(4096, &mut pages, t0);
+        let again = pages.book(4096, t0);
         assert!(again - t0 > Duration::from_millis(8));
         // Large chunks are never sparse.
-        let big = link.book(65536, &mut link.flow(Direction::ToDestination), t0);
+        let big = link.flow(Direction::ToDestination).book(65536, t0);
         assert!(big - t0 > Duration::from_millis(8));
     }
 
@@ -378,11 +377,9 @@ mod tests {
         link.set(shape("10g"), Duration::from_millis(5));
         assert_eq!(link.delay(), Duration::from_millis(5));
         assert_eq!(link.shape(), shape("10g"));
-        let at = link.book(
-            125_000,
-            &mut link.flow(Direction::ToDestination),
-            Instant::now(),
-        );
+        let at = link
+            .flow(Direction::ToDestination)
+            .book(125_000, Instant::now());
         // 100 us at 10 Gb/s (not 1 ms at 1 Gb/s), and no credit from before the switch.
         assert!(at - t0 >= Duration::from_micros(100) && at - t0 < Duration::from_millis(1));
         // 1 ms of 10 Gb/s is 1.25 MB; the burst (4 ms) is larger.

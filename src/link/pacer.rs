@@ -145,7 +145,7 @@ pub struct Timer {
 }
 
 /// `TimerFd` with the `AsRawFd` that `AsyncFd` wants.
-pub struct TimerFdRaw(nix::sys::timerfd::TimerFd);
+struct TimerFdRaw(nix::sys::timerfd::TimerFd);
 
 impl std::os::fd::AsRawFd for TimerFdRaw {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
@@ -159,13 +159,6 @@ impl std::fmt::Debug for Timer {
         f.debug_struct("Timer")
             .field("armed", &matches!(self.fd, Some(Ok(_))))
             .finish()
-    }
-}
-
-impl Clone for Timer {
-    /// A clone gets its own timer (made on its first wait).
-    fn clone(&self) -> Self {
-        Timer::default()
     }
 }
 
