@@ -16,7 +16,7 @@ use serde_json::Value;
 /// 100 Mb/s with no framing: 12.5 MB/s of payload.
 const RATE_BYTES: f64 = 12.5e6;
 
-/// Forwards what `source` writes through a migshaper at 100 Mb/s (burst 20 ms: these tests
+/// Forwards what `source` writes through a migshaper at 100 Mb/s (burst 50 ms: these tests
 /// check the accounting, not how late this host's timers fire) to a destination that reads
 /// with `dest`; returns the migration's record and the log.
 fn through_link(
@@ -49,7 +49,7 @@ fn through_link(
     let mut cmd = migshaper();
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--upstream"])
         .arg(upstream.to_string())
-        .args(["--link", "100mbit", "--framing", "none", "--burst", "20ms"])
+        .args(["--link", "100mbit", "--framing", "none", "--burst", "50ms"])
         .args(["--control", "127.0.0.1:0", "--records"])
         .arg(&records);
     let mut m = Spawned::start(cmd);
