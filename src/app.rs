@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use crate::config::{Config, RouteConfig, parse_listen};
 use crate::control::{Control, ControlError};
+use crate::link::fabric::Fabric;
 use crate::link::{Link, LinkUpdate};
 use crate::metrics::Metrics;
 use crate::migration::{RecordSink, RouteAccounting};
@@ -80,6 +81,7 @@ pub struct Server {
     metrics: Arc<Metrics>,
     control: Option<Control>,
     source: Option<std::path::PathBuf>,
+    fabric: Option<Fabric>,
 }
 
 impl Server {
@@ -95,6 +97,7 @@ impl Server {
             })?)),
             None => None,
         };
+        let fabric = config.fabric.map(Fabric::new);
         let mut routes = Vec::with_capacity(config.routes.len());
         for r in &config.routes {
             let capture = match &config.capture {
@@ -125,6 +128,7 @@ impl Server {
                 sink.clone(),
                 options,
                 &metrics,
+                fabric.as_ref(),
             )?);
         }
         let handles = routes
@@ -146,9 +150,15 @@ impl Server {
             metrics,
             control: None,
             source: config.source.clone(),
+            fabric,
         };
         if let Some(c) = &config.control {
-            server.control = Some(Control::bind(c, server.routes(), server.metrics.clone())?);
+            server.control = Some(Control::bind(
+                c,
+                server.routes(),
+                server.metrics.clone(),
+                server.fabric.clone(),
+            )?);
         }
         Ok(server)
     }
@@ -161,6 +171,11 @@ impl Server {
     /// The server's metrics registry.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The fabric every route draws from, if the server has one.
+    pub fn fabric(&self) -> Option<&Fabric> {
+        self.fabric.as_ref()
     }
 
     /// The routes, with their bound addresses.
@@ -185,13 +200,22 @@ impl Server {
         for r in &handles {
             log_route(r);
         }
+        if let Some(f) = &self.fabric {
+            log_fabric(f, "fabric");
+        }
         let stop_control = CancellationToken::new();
         let control = self
             .control
             .map(|c| tokio::spawn(c.serve(stop_control.clone())));
         let upkeep = tokio::spawn(upkeep(self.metrics.clone()));
-        let reload =
-            hup.map(|hup| tokio::spawn(reload_on_sighup(hup, self.source, handles.clone())));
+        let reload = hup.map(|hup| {
+            tokio::spawn(reload_on_sighup(
+                hup,
+                self.source,
+                handles.clone(),
+                self.fabric.clone(),
+            ))
+        });
         for route in self.routes {
             tracker.spawn(route.run(stop_accepting.clone(), kill.clone(), tracker.clone()));
         }
@@ -229,6 +253,7 @@ fn bind_route(
     sink: Option<Arc<RecordSink>>,
     options: RouteOptions,
     metrics: &Metrics,
+    fabric: Option<&Fabric>,
 ) -> Result<Route, StartError> {
     let addr = parse_listen(&r.listen).map_err(|reason| StartError::Address {
         route: r.name.clone(),
@@ -241,11 +266,15 @@ fn bind_route(
         source,
     })?;
     let link = Link::new(r.shape, r.delay);
+    if let Some(f) = fabric {
+        link.on_fabric(f);
+    }
     let accounting = Arc::new(RouteAccounting::new(
         r.name.clone(),
         link.clone(),
         sink,
         metrics.route(&r.name),
+        fabric.cloned(),
     ));
     Ok(Route::new(
         r.name.clone(),
@@ -286,6 +315,18 @@ fn log_route(r: &RouteHandle) {
     }
 }
 
+fn log_fabric(f: &Fabric, what: &str) {
+    let c = f.config();
+    info!(
+        rate = %c.shape.rate,
+        framing = %c.shape.framing,
+        burst = %c.shape.burst,
+        oversubscribe = c.oversubscribe.as_str(),
+        payload_rate = %format_bits(c.payload_bits() as f64),
+        "{what}: every route also draws from this budget per direction"
+    );
+}
+
 /// Drains histogram samples into their buckets now and then (rendering does it too).
 async fn upkeep(metrics: Arc<Metrics>) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -300,6 +341,7 @@ async fn reload_on_sighup(
     mut hup: tokio::signal::unix::Signal,
     path: Option<std::path::PathBuf>,
     routes: Vec<RouteHandle>,
+    fabric: Option<Fabric>,
 ) {
     while hup.recv().await.is_some() {
         let Some(path) = &path else {
@@ -308,11 +350,34 @@ async fn reload_on_sighup(
         };
         info!(path = %path.display(), "SIGHUP: re-reading the config file");
         match Config::from_file(path) {
-            Ok(config) => apply_reload(&config, &routes),
+            Ok(config) => {
+                apply_reload(&config, &routes);
+                reload_fabric(config.fabric, fabric.as_ref());
+            }
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, "config reload failed; the running settings stay in force")
             }
         }
+    }
+}
+
+/// Applies a re-read `[fabric]` table: its settings change live; adding or removing the
+/// fabric needs a restart (the routes' links are put on it when they are bound).
+pub fn reload_fabric(new: Option<crate::link::fabric::FabricConfig>, fabric: Option<&Fabric>) {
+    match (new, fabric) {
+        (Some(c), Some(f)) if c != f.config() => {
+            f.set(c);
+            log_fabric(f, "config reload: fabric changed");
+        }
+        (Some(_), None) => {
+            warn!("config reload: [fabric] ignored (adding a fabric needs a restart)")
+        }
+        (None, Some(_)) => {
+            warn!(
+                "config reload: [fabric] missing from the file; the running fabric stays (removing it needs a restart)"
+            )
+        }
+        _ => {}
     }
 }
 

@@ -247,6 +247,11 @@ pub struct ServeArgs {
     /// a loopback address).
     #[arg(long, env = TOKEN_ENV, hide_env_values = true)]
     pub control_token: Option<String>,
+    /// A fabric budget every route also draws from, per direction (e.g. 10gbit): when the
+    /// backlogged routes' links together want more, they share it in proportion to their
+    /// rates. Overrides a config file's `[fabric]` rate. Default: none.
+    #[arg(long, value_name = "RATE")]
+    pub fabric: Option<LinkRate>,
 }
 
 impl ServeArgs {
@@ -259,6 +264,24 @@ impl ServeArgs {
 
     /// Validates the flags (or loads the file they name) into a [`Config`].
     pub fn into_config(self) -> Result<Config, ConfigError> {
+        let mut c = self.routes_config()?;
+        if let Some(rate) = self.fabric {
+            // The flag sets the rate; a file's framing, burst and oversubscribe stay.
+            let mut f = c
+                .fabric
+                .unwrap_or_else(|| crate::link::fabric::FabricConfig::new(rate));
+            f.shape.rate = rate;
+            c.fabric = Some(f);
+            c.validate(if self.config.is_some() {
+                "--fabric"
+            } else {
+                "command line"
+            })?;
+        }
+        Ok(c)
+    }
+
+    fn routes_config(&self) -> Result<Config, ConfigError> {
         let timeouts = |c: &mut Config| {
             c.connect_timeout = self.connect_timeout.0;
             c.drain_timeout = self.drain_timeout.0;
@@ -307,6 +330,7 @@ impl ServeArgs {
             records: self.records.clone(),
             capture: self.capture.clone(),
             control: self.control_config(),
+            fabric: None,
         };
         timeouts(&mut c);
         c.validate("command line")?;

@@ -79,6 +79,20 @@ impl Client {
         self.finish(path, resp)
     }
 
+    /// `GET path` → JSON, or `None` when the server answers 404 (e.g. `/fabric` on a
+    /// server without one).
+    pub fn get_if_present(&self, path: &str) -> Result<Option<Value>> {
+        let resp = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .call()
+            .map_err(|e| self.fail(path, e))?;
+        if resp.status() == 404 {
+            return Ok(None);
+        }
+        self.finish(path, resp).map(Some)
+    }
+
     /// `PUT path` with a JSON body → JSON.
     pub fn put(&self, path: &str, body: &Value) -> Result<Value> {
         let mut req = self.agent.put(format!("{}{path}", self.base));
@@ -315,23 +329,28 @@ fn sum(v: &Value) -> f64 {
 }
 
 /// A record's (or live view's) link fidelity towards the destination, for one line:
-/// `link fidelity 93.1 % (short 6.1 MB: late 4.2 MB, destination 1.9 MB)`.
+/// `link fidelity 93.1 % (short 6.1 MB: late 4.2 MB, destination 1.9 MB)`, with the fabric's
+/// share when other routes shared a fabric with it.
 fn fidelity_text(m: &Value) -> String {
     let f = &m["fidelity"]["to_destination"];
     let Some(ratio) = f["ratio"].as_f64() else {
         return "link fidelity n/a (not backlogged or unlimited)".to_string();
     };
     let short = |c: &str| f["shortfall_bytes"][c].as_f64().unwrap_or(0.0);
-    let (late, dest) = (short("late"), short("destination"));
+    let (late, dest, fabric) = (short("late"), short("destination"), short("fabric"));
     let mut s = format!("link fidelity {:.1} %", ratio * 100.0);
-    if late + dest > 0.0 {
+    if late + dest + fabric > 0.0 {
         let _ = write!(
             s,
-            " (short {}: late {}, destination {})",
-            human_bytes(late + dest),
+            " (short {}: late {}, destination {}",
+            human_bytes(late + dest + fabric),
             human_bytes(late),
             human_bytes(dest)
         );
+        if fabric > 0.0 {
+            let _ = write!(s, ", fabric {}", human_bytes(fabric));
+        }
+        s.push(')');
     }
     if ratio < crate::migration::FIDELITY_WARN_BELOW {
         s.push_str(" LOW");
@@ -339,9 +358,42 @@ fn fidelity_text(m: &Value) -> String {
     s
 }
 
+/// The fabric in one line: `fabric 10 Gbit/s (share): 9.41 Gb/s of payload, active
+/// migrations want 1.88 Gb/s, headroom 7.53 Gb/s; backlogged to destination 11.3 Gb/s:
+/// each route at 0.83 of its link`.
+fn fabric_line(f: &Value) -> String {
+    let bits = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let mut s = format!(
+        "fabric {} ({}): {} of payload, active migrations want {}, headroom {}",
+        f["rate"].as_str().unwrap_or("?"),
+        f["oversubscribe"].as_str().unwrap_or("?"),
+        format_bits(bits(&f["payload_rate_bits_per_second"])),
+        format_bits(bits(&f["active_demand_bits_per_second"])),
+        format_bits(bits(&f["headroom_bits_per_second"])),
+    );
+    for (dir, label) in [
+        ("to_destination", "to destination"),
+        ("to_source", "to source"),
+    ] {
+        let d = &f["directions"][dir];
+        let scale = d["scale"].as_f64().unwrap_or(1.0);
+        if scale < 1.0 {
+            let _ = write!(
+                s,
+                "; backlogged {label} {}: each route at {scale:.2} of its link",
+                format_bits(bits(&d["backlogged_demand_bits_per_second"]))
+            );
+        }
+    }
+    s
+}
+
 /// Renders routes and migrations as the `status` table.
-pub fn render_status(routes: &Value, migrations: &Value) -> String {
+pub fn render_status(routes: &Value, migrations: &Value, fabric: &Value) -> String {
     let mut out = String::new();
+    if !fabric.is_null() {
+        let _ = writeln!(out, "{}", fabric_line(fabric));
+    }
     for r in routes.as_array().into_iter().flatten() {
         let name = r["name"].as_str().unwrap_or("?");
         let _ = writeln!(
@@ -415,11 +467,15 @@ pub fn status(args: &StatusArgs) -> Result<()> {
     loop {
         let routes = c.get("/routes")?;
         let migrations = c.get("/migrations")?;
+        let fabric = c.get_if_present("/fabric")?.unwrap_or(Value::Null);
         if args.json {
-            println!("{}", json!({ "routes": routes, "migrations": migrations }));
+            println!(
+                "{}",
+                json!({ "routes": routes, "migrations": migrations, "fabric": fabric })
+            );
             return Ok(());
         }
-        let text = render_status(&routes, &migrations);
+        let text = render_status(&routes, &migrations, &fabric);
         if !args.watch {
             print!("{text}");
             return Ok(());
@@ -487,7 +543,7 @@ mod tests {
             "duration_s": 1.0, "bytes": {"to_destination": {"precopy": 5}},
             "fidelity": {"to_destination": {"ratio": 1.0,
                 "shortfall_bytes": {"late": 0, "destination": 0}}}}]});
-        let text = render_status(&routes, &recent);
+        let text = render_status(&routes, &recent, &Value::Null);
         assert!(
             text.contains("link fidelity 93.0 % (short 4.0 MB: late 4.0 MB, destination 0 B) LOW"),
             "{text}"

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::link::Shape;
+use crate::link::fabric::FabricConfig;
 use crate::spec::{Burst, Delay, Framing, HumanDuration, LinkRate};
 
 /// Default upstream connect timeout.
@@ -84,6 +85,18 @@ pub enum ConfigError {
         /// What is wrong and what to do.
         reason: String,
     },
+    /// The `[fabric]` table (or `--fabric`) holds a value that parses but is not acceptable.
+    #[error("{origin}: fabric: key `{key}` = {value:?}: {reason}")]
+    Fabric {
+        /// The file, or `command line`.
+        origin: String,
+        /// The key.
+        key: &'static str,
+        /// The offending value.
+        value: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// The file defines no route.
     #[error(
         "{0}: no routes defined: add at least one [[route]] table with name, listen, upstream and link"
@@ -141,6 +154,8 @@ pub struct Config {
     pub capture: Option<PathBuf>,
     /// The control API, if enabled.
     pub control: Option<ControlConfig>,
+    /// The fabric budget every route also draws from, if any.
+    pub fabric: Option<FabricConfig>,
 }
 
 // === TOML schema ===
@@ -152,8 +167,18 @@ struct FileConfig {
     keepalive: Option<HumanDuration>,
     drain_timeout: Option<HumanDuration>,
     records: Option<PathBuf>,
+    fabric: Option<FileFabric>,
     #[serde(default)]
     route: Vec<FileRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileFabric {
+    rate: LinkRate,
+    burst: Option<Burst>,
+    framing: Option<Framing>,
+    oversubscribe: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,6 +216,23 @@ impl Config {
         if file.route.is_empty() {
             return Err(ConfigError::NoRoutes(origin));
         }
+        let fabric = file
+            .fabric
+            .map(|f| -> Result<FabricConfig, ConfigError> {
+                let mut c = FabricConfig::new(f.rate);
+                c.shape.burst = f.burst.unwrap_or(Burst::DEFAULT);
+                c.shape.framing = f.framing.unwrap_or(Framing::DEFAULT);
+                if let Some(o) = f.oversubscribe {
+                    c.oversubscribe = o.parse().map_err(|reason| ConfigError::Fabric {
+                        origin: origin.clone(),
+                        key: "oversubscribe",
+                        value: o.clone(),
+                        reason,
+                    })?;
+                }
+                Ok(c)
+            })
+            .transpose()?;
         let routes = file
             .route
             .into_iter()
@@ -220,6 +262,7 @@ impl Config {
             records: file.records,
             capture: None,
             control: None,
+            fabric,
         };
         config.validate(&origin)?;
         Ok(config)
@@ -227,6 +270,14 @@ impl Config {
 
     /// Checks names, addresses and uniqueness. `origin` names the file or `command line`.
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        if let Some(f) = &self.fabric {
+            check_fabric(f).map_err(|(key, value, reason)| ConfigError::Fabric {
+                origin: origin.to_string(),
+                key,
+                value,
+                reason,
+            })?;
+        }
         let mut names: HashMap<&str, ()> = HashMap::new();
         let mut listens: HashMap<SocketAddr, &str> = HashMap::new();
         for r in &self.routes {
@@ -275,6 +326,25 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Checks a fabric's settings; on error, the key, its value and the reason.
+pub fn check_fabric(f: &FabricConfig) -> Result<(), (&'static str, String, String)> {
+    if f.shape.rate == LinkRate::Unlimited {
+        return Err((
+            "rate",
+            f.shape.rate.to_string(),
+            "a fabric needs a rate (e.g. 10gbit); leave the fabric out for none".into(),
+        ));
+    }
+    if f.payload_bits() == 0 {
+        return Err((
+            "framing",
+            f.shape.framing.to_string(),
+            "the fabric carries no payload at this rate and framing; raise the rate".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Parses a listen address: `IP:PORT`, `[IPv6]:PORT`, or `HOST:PORT` resolved now.

@@ -8,6 +8,7 @@
 //! | `GET /routes`, `GET /routes/{name}` | routes with their link in force and active migration |
 //! | `PUT /routes/{name}/link` | change any subset of `link`, `burst`, `delay`, `framing` |
 //! | `GET /migrations[?route=R]` | active migrations (live phase, bytes, rate) and recent records |
+//! | `GET /fabric`, `PUT /fabric` | the fabric budget: rate, demand, headroom, per route; change any subset of `rate`, `burst`, `framing`, `oversubscribe` (404 without a fabric) |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad JSON, unknown field, bad value: the field
 //! is named and the link is left unchanged), 401 (missing or wrong token), 404 (unknown
@@ -31,7 +32,8 @@ use tracing::{info, warn};
 
 use crate::config::{ControlConfig, TOKEN_ENV, parse_listen};
 use crate::link::LinkUpdate;
-use crate::metrics::Metrics;
+use crate::link::fabric::{Fabric, FabricConfig, FabricView, Oversubscribe};
+use crate::metrics::{FabricMetrics, Metrics};
 use crate::migration::{ActiveView, Record};
 use crate::route::RouteHandle;
 use crate::spec::{Burst, Framing, HumanDuration, LinkRate};
@@ -101,6 +103,9 @@ struct ApiState {
     routes: Vec<RouteHandle>,
     metrics: Arc<Metrics>,
     token: Option<String>,
+    fabric: Option<(Fabric, FabricMetrics)>,
+    /// Serialises fabric changes, so concurrent partial updates never interleave.
+    fabric_change: tokio::sync::Mutex<()>,
 }
 
 impl Control {
@@ -109,6 +114,7 @@ impl Control {
         config: &ControlConfig,
         routes: Vec<RouteHandle>,
         metrics: Arc<Metrics>,
+        fabric: Option<Fabric>,
     ) -> Result<Control, ControlError> {
         let addr = parse_listen(&config.addr).map_err(|reason| ControlError::Address {
             addr: config.addr.clone(),
@@ -126,9 +132,11 @@ impl Control {
         Ok(Control {
             listener,
             state: Arc::new(ApiState {
+                fabric: fabric.map(|f| (f, metrics.fabric())),
                 routes,
                 metrics,
                 token,
+                fabric_change: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -194,6 +202,7 @@ fn router(state: Arc<ApiState>) -> Router {
         .route("/routes/{name}", get(route))
         .route("/routes/{name}/link", put(set_link).get(get_link))
         .route("/migrations", get(migrations))
+        .route("/fabric", get(get_fabric).put(set_fabric))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -224,13 +233,16 @@ fn bad_request(msg: impl Into<String>) -> ApiError {
 async fn not_found() -> ApiError {
     ApiError(
         StatusCode::NOT_FOUND,
-        "no such endpoint; see GET /routes, /migrations, /metrics, /healthz".into(),
+        "no such endpoint; see GET /routes, /migrations, /fabric, /metrics, /healthz".into(),
     )
 }
 
 async fn metrics(State(s): State<Arc<ApiState>>) -> impl IntoResponse {
     for r in &s.routes {
         r.publish_fidelity();
+    }
+    if let Some((f, m)) = &s.fabric {
+        m.publish(&f.view());
     }
     (
         [(
@@ -393,8 +405,175 @@ fn rejected(e: impl IntoResponse + std::fmt::Display) -> ApiError {
 async fn method_not_allowed() -> ApiError {
     ApiError(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method not allowed: reads are GET, link changes are PUT /routes/{name}/link".into(),
+        "method not allowed: reads are GET, changes are PUT /routes/{name}/link and PUT /fabric"
+            .into(),
     )
+}
+
+/// `GET /fabric`: the fabric's settings and what is on it now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FabricApiView {
+    /// Line rate as configured.
+    pub rate: String,
+    /// Framing charged per segment.
+    pub framing: String,
+    /// Burst as configured.
+    pub burst: String,
+    /// `share` or `refuse`.
+    pub oversubscribe: String,
+    /// Payload rate of the fabric, bit/s (per direction).
+    pub payload_rate_bits_per_second: u64,
+    /// Payload rate the routes with an active migration want together, bit/s.
+    pub active_demand_bits_per_second: u64,
+    /// Fabric payload rate left beside them, bit/s (negative: oversubscribed).
+    pub headroom_bits_per_second: i64,
+    /// Per direction: what the routes backlogged now want and the share each gets.
+    pub directions: std::collections::BTreeMap<String, FabricDirectionView>,
+    /// Every route of the server on the fabric.
+    pub routes: Vec<FabricRouteView>,
+}
+
+/// One direction of the fabric now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FabricDirectionView {
+    /// Sum of the backlogged routes' link payload rates, bit/s.
+    pub backlogged_demand_bits_per_second: u64,
+    /// The share of its link each backlogged route gets (1: all of it).
+    pub scale: f64,
+}
+
+/// A route on the fabric.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FabricRouteView {
+    /// Route name.
+    pub name: String,
+    /// Its link's payload rate, bit/s (0: unlimited, never shared).
+    pub link_payload_bits_per_second: u64,
+    /// Whether it has an active migration counted against the fabric.
+    pub active: bool,
+    /// What it gets now towards the destination if backlogged, bit/s: its link, or its
+    /// share of the fabric while the backlogged routes want more than the fabric.
+    pub share_bits_per_second: u64,
+}
+
+fn fabric_view(v: &FabricView, routes: &[RouteHandle]) -> FabricApiView {
+    use crate::link::Direction;
+    FabricApiView {
+        rate: v.config.shape.rate.to_string(),
+        framing: v.config.shape.framing.to_string(),
+        burst: v.config.shape.burst.to_string(),
+        oversubscribe: v.config.oversubscribe.as_str().to_string(),
+        payload_rate_bits_per_second: v.config.payload_bits(),
+        active_demand_bits_per_second: v.active_bits(),
+        headroom_bits_per_second: v.headroom_bits(),
+        directions: Direction::ALL
+            .iter()
+            .map(|d| {
+                (
+                    d.as_str().to_string(),
+                    FabricDirectionView {
+                        backlogged_demand_bits_per_second: v.demand[d.index()].payload,
+                        scale: v.scale(*d),
+                    },
+                )
+            })
+            .collect(),
+        routes: routes
+            .iter()
+            .map(|r| {
+                let payload = crate::link::fabric::Want::of(&r.link.shape()).payload;
+                FabricRouteView {
+                    name: r.name.clone(),
+                    link_payload_bits_per_second: payload,
+                    active: v.active.contains_key(&r.name),
+                    share_bits_per_second: (payload as f64 * v.scale(Direction::ToDestination))
+                        as u64,
+                }
+            })
+            .collect(),
+    }
+}
+
+impl ApiState {
+    fn fabric(&self) -> Result<&Fabric, ApiError> {
+        self.fabric.as_ref().map(|(f, _)| f).ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                "this server has no fabric; start it with --fabric RATE or a [fabric] table".into(),
+            )
+        })
+    }
+}
+
+async fn get_fabric(State(s): State<Arc<ApiState>>) -> Result<impl IntoResponse, ApiError> {
+    let f = s.fabric()?;
+    Ok(axum::Json(fabric_view(&f.view(), &s.routes)))
+}
+
+async fn set_fabric(
+    State(s): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    s.authorize(&headers)?;
+    let f = s.fabric()?;
+    let body = body.map_err(rejected)?;
+    let _serial = s.fabric_change.lock().await;
+    let old = f.config();
+    let new = parse_fabric_update(&body, old)?;
+    f.set(new);
+    info!(
+        origin = "control API",
+        rate = %new.shape.rate,
+        framing = %new.shape.framing,
+        burst = %new.shape.burst,
+        oversubscribe = new.oversubscribe.as_str(),
+        previous_rate = %old.shape.rate,
+        "fabric changed"
+    );
+    Ok(axum::Json(fabric_view(&f.view(), &s.routes)))
+}
+
+/// Parses a `PUT /fabric` body onto `old`; every error names the field.
+pub fn parse_fabric_update(body: &[u8], old: FabricConfig) -> Result<FabricConfig, String> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        format!(
+            r#"body is not valid JSON ({e}); send e.g. {{"rate":"10g","oversubscribe":"refuse"}}"#
+        )
+    })?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(r#"body must be a JSON object, e.g. {"rate":"10g"}"#.into());
+    };
+    if map.is_empty() {
+        return Err(
+            "nothing to change: give at least one of rate, burst, framing, oversubscribe".into(),
+        );
+    }
+    let mut c = old;
+    for (key, v) in &map {
+        let Some(text) = v.as_str() else {
+            return Err(format!(
+                "field {key:?}: expected a string (e.g. \"10g\", \"share\"), got {v}"
+            ));
+        };
+        let field = |e: &dyn std::fmt::Display| format!("field {key:?}: {e}");
+        match key.as_str() {
+            "rate" => c.shape.rate = text.parse::<LinkRate>().map_err(|e| field(&e))?,
+            "burst" => c.shape.burst = text.parse::<Burst>().map_err(|e| field(&e))?,
+            "framing" => c.shape.framing = text.parse::<Framing>().map_err(|e| field(&e))?,
+            "oversubscribe" => {
+                c.oversubscribe = text.parse::<Oversubscribe>().map_err(|e| field(&e))?
+            }
+            _ => {
+                return Err(format!(
+                    "unknown field {key:?}; the fields are rate, burst, framing, oversubscribe"
+                ));
+            }
+        }
+    }
+    crate::config::check_fabric(&c)
+        .map_err(|(key, value, reason)| format!("field {key:?} = {value:?}: {reason}"))?;
+    Ok(c)
 }
 
 /// Parses a `PUT /routes/{name}/link` body; every error names the field.

@@ -125,6 +125,7 @@ impl Replay {
 pub async fn replay_through(replay: &Replay, rate: &str) -> Result<Record, DemoError> {
     let dest = TcpListener::bind("127.0.0.1:0").await?;
     let config = Config {
+        fabric: None,
         routes: vec![RouteConfig {
             name: format!("demo-{rate}"),
             listen: "127.0.0.1:0".into(),
@@ -275,11 +276,12 @@ pub fn render(replay: &Replay, runs: &[(String, Record)]) -> String {
             Some(ratio) => writeln!(
                 out,
                 "{link}: link fidelity {:.2} % (delivered of the rate while backlogged, {:.3} s; \
-                 short: late {} B, destination {} B; idle waiting for the source {:.3} s){}",
+                 short: late {} B, destination {} B, fabric {} B; idle waiting for the source {:.3} s){}",
                 ratio * 100.0,
                 f.backlogged_seconds,
                 short("late"),
                 short("destination"),
+                short("fabric"),
                 idle,
                 if ratio < crate::migration::FIDELITY_WARN_BELOW {
                     " - below 99 %: see \"Is the link faithful?\" in the README"

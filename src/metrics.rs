@@ -90,15 +90,19 @@ pub enum MigrationOutcome {
     Unknown,
     /// Cut by migshaper at the end of the drain timeout.
     Interrupted,
+    /// Refused at accept: its route would have lifted the active routes' links above the
+    /// fabric (`oversubscribe = "refuse"`).
+    Refused,
 }
 
 impl MigrationOutcome {
     /// Every outcome, in index order.
-    pub const ALL: [MigrationOutcome; 4] = [
+    pub const ALL: [MigrationOutcome; 5] = [
         MigrationOutcome::Completed,
         MigrationOutcome::Failed,
         MigrationOutcome::Unknown,
         MigrationOutcome::Interrupted,
+        MigrationOutcome::Refused,
     ];
 
     /// The label value and the record's `outcome`.
@@ -108,6 +112,7 @@ impl MigrationOutcome {
             MigrationOutcome::Failed => "failed",
             MigrationOutcome::Unknown => "unknown",
             MigrationOutcome::Interrupted => "interrupted",
+            MigrationOutcome::Refused => "refused",
         }
     }
 
@@ -118,6 +123,7 @@ impl MigrationOutcome {
             MigrationOutcome::Failed => 1,
             MigrationOutcome::Unknown => 2,
             MigrationOutcome::Interrupted => 3,
+            MigrationOutcome::Refused => 4,
         }
     }
 }
@@ -202,7 +208,8 @@ impl Metrics {
                 Unit::Bytes,
                 "Payload bytes the shaped link could have carried while backlogged and did not, \
                  by cause: late (its wake-ups came too late for the burst), destination (the \
-                 receiving side did not take the writes). Fidelity = carried / (carried + shortfall)"
+                 receiving side did not take the writes), fabric (other routes shared the fabric \
+                 budget beyond its rate). Fidelity = carried / (carried + shortfall)"
             );
             describe_gauge!(
                 "migshaper_connections_active",
@@ -238,6 +245,16 @@ impl Metrics {
             describe_counter!(
                 "migshaper_precopy_passes_total",
                 "Pre-copy passes over guest RAM started"
+            );
+            describe_gauge!(
+                "migshaper_fabric_rate_bytes_per_second",
+                "Payload rate of the fabric budget every route draws from, per direction \
+                 (only with --fabric or a [fabric] table)"
+            );
+            describe_gauge!(
+                "migshaper_fabric_demand_bytes_per_second",
+                "Payload rate the routes backlogged now want from the fabric (the sum of their \
+                 links' payload rates), per direction; above the fabric's rate they share it"
             );
             describe_counter!(
                 "migshaper_postcopy_page_requests_total",
@@ -313,6 +330,21 @@ impl Metrics {
         })
     }
 
+    /// Registers the fabric's series (only servers with a fabric have them).
+    pub fn fabric(&self) -> FabricMetrics {
+        metrics::with_local_recorder(&self.recorder, || {
+            let dirs = Direction::ALL.map(Direction::as_str);
+            FabricMetrics {
+                rate: dirs.map(|d| {
+                    metrics::gauge!("migshaper_fabric_rate_bytes_per_second", "direction" => d)
+                }),
+                demand: dirs.map(|d| {
+                    metrics::gauge!("migshaper_fabric_demand_bytes_per_second", "direction" => d)
+                }),
+            }
+        })
+    }
+
     /// The Prometheus text exposition of every series.
     pub fn render(&self) -> String {
         self.handle.run_upkeep();
@@ -322,6 +354,30 @@ impl Metrics {
     /// Drains histogram samples into their buckets; call every few seconds.
     pub fn upkeep(&self) {
         self.handle.run_upkeep();
+    }
+}
+
+/// The fabric's gauges.
+#[derive(Clone)]
+pub struct FabricMetrics {
+    rate: [Gauge; 2],
+    demand: [Gauge; 2],
+}
+
+impl std::fmt::Debug for FabricMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FabricMetrics")
+    }
+}
+
+impl FabricMetrics {
+    /// Publishes the fabric as it is now.
+    pub fn publish(&self, view: &crate::link::fabric::FabricView) {
+        let rate = view.config.payload_bits() as f64 / 8.0;
+        for d in Direction::ALL {
+            self.rate[d.index()].set(rate);
+            self.demand[d.index()].set(view.demand[d.index()].payload as f64 / 8.0);
+        }
     }
 }
 
@@ -347,13 +403,13 @@ struct RouteInner {
     wait: [Gauge; 2],
     backlogged: [Gauge; 2],
     carried: [Counter; 2],
-    shortfall: [[Counter; 2]; 2],
+    shortfall: [[Counter; 3]; 2],
     conns_active: [Gauge; 6],
     conns_total: [[Counter; 5]; 6],
     upstream_errors: Counter,
     migrations_active: Gauge,
-    migrations_total: [Counter; 4],
-    duration: [Histogram; 4],
+    migrations_total: [Counter; 5],
+    duration: [Histogram; 5],
     phase_duration: [Histogram; 4],
     phase: [Gauge; 4],
     passes: Counter,

@@ -52,6 +52,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::fabric::{Seat, Squeeze};
 use crate::spec::{Burst, Framing, LinkRate};
 
 /// What a link direction emulates: its line rate, its burst tolerance and its framing.
@@ -112,10 +113,15 @@ impl Cost {
         *frac = total % self.denom;
         Duration::from_nanos((total / self.denom).min(u128::from(u64::MAX)) as u64)
     }
+
+    /// The payload bytes the link carries in `d` at its full rate.
+    fn bytes_in(&self, d: Duration) -> u64 {
+        u64::try_from(d.as_nanos() * self.denom / self.per_byte).unwrap_or(u64::MAX)
+    }
 }
 
 /// One direction of a link: a virtual wire with a reservation queue.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct TokenBucket {
     shape: Shape,
     cost: Option<Cost>,
@@ -126,6 +132,8 @@ pub struct TokenBucket {
     released: Wire,
     /// What the link carried and lost, and how late its holders wake.
     ledger: Ledger,
+    /// The fabric beneath, if the server has one.
+    seat: Option<Seat>,
 }
 
 /// Why a backlogged link carried less than its rate.
@@ -136,17 +144,21 @@ pub enum Cause {
     /// A write to the receiving side could not proceed (the receiver, or the real path
     /// beneath, was slower than the emulated link).
     Destination,
+    /// The fabric beneath the route was shared with other backlogged routes beyond its
+    /// rate (see [`super::fabric`]).
+    Fabric,
 }
 
 impl Cause {
     /// Every cause, in index order.
-    pub const ALL: [Cause; 2] = [Cause::Late, Cause::Destination];
+    pub const ALL: [Cause; 3] = [Cause::Late, Cause::Destination, Cause::Fabric];
 
     /// The label in metrics (`cause`) and records.
     pub fn as_str(self) -> &'static str {
         match self {
             Cause::Late => "late",
             Cause::Destination => "destination",
+            Cause::Fabric => "fabric",
         }
     }
 
@@ -155,6 +167,7 @@ impl Cause {
         match self {
             Cause::Late => 0,
             Cause::Destination => 1,
+            Cause::Fabric => 2,
         }
     }
 }
@@ -168,9 +181,9 @@ pub struct Fidelity {
     /// Their line time at the rate in force when each left.
     pub line: Duration,
     /// Time the link lost while backlogged, by [`Cause::index`].
-    pub lost: [Duration; 2],
+    pub lost: [Duration; 3],
     /// Payload bytes the link could have carried in that time, by [`Cause::index`].
-    pub shortfall_bytes: [u64; 2],
+    pub shortfall_bytes: [u64; 3],
     /// Time no connection held data for the link (the sender had nothing ready).
     pub idle: Duration,
 }
@@ -291,15 +304,33 @@ impl Wire {
         d
     }
 
-    /// Appends `n` bytes arriving at `now`: an idle wire accrues at most `burst` of credit.
-    /// Returns when they are through.
-    fn book(&mut self, n: u64, cost: &Cost, now: Instant) -> Instant {
-        let earliest = now.checked_sub(cost.tau).unwrap_or(now);
+    /// Appends `n` bytes arriving at `now`: an idle wire accrues at most `burst` of credit
+    /// (the fabric's burst, if less, while the fabric is shared). Returns when they are
+    /// through and the extra time the fabric's share added (see [`Wire::squeezed`]).
+    fn book(
+        &mut self,
+        n: u64,
+        cost: &Cost,
+        now: Instant,
+        squeeze: Option<Squeeze>,
+    ) -> (Instant, Duration) {
+        let tau = squeeze.map_or(cost.tau, |s| cost.tau.min(s.burst));
+        let earliest = now.checked_sub(tau).unwrap_or(now);
         if earliest > self.end {
             *self = Wire::idle_at(earliest);
         }
-        self.charge(n, cost);
-        self.end
+        let extra = self.squeezed(n, cost, squeeze);
+        (self.end, extra)
+    }
+
+    /// Appends `n` bytes: their line time, plus, while the fabric is shared beyond its
+    /// rate, that time scaled by `over` (the link runs at its share of the fabric).
+    /// Returns the extra.
+    fn squeezed(&mut self, n: u64, cost: &Cost, squeeze: Option<Squeeze>) -> Duration {
+        let d = self.charge(n, cost);
+        let extra = squeeze.map_or(Duration::ZERO, |s| d.mul_f64(s.over));
+        self.end += extra;
+        extra
     }
 }
 
@@ -313,7 +344,33 @@ impl TokenBucket {
             booked: Wire::idle_at(now),
             released: Wire::idle_at(now),
             ledger: Ledger::new(now),
+            seat: None,
         }
+    }
+
+    /// Puts this bucket on `fabric` as direction `dir` of its route: while the route is
+    /// backlogged, its link rate counts in the fabric's demand, and while that demand
+    /// exceeds the fabric, the bucket runs at its share of it.
+    pub fn on_fabric(&mut self, fabric: super::fabric::Fabric, dir: super::Direction) {
+        let mut seat = Seat::new(fabric, dir);
+        if self.ledger.busy > 0 {
+            seat.join(&self.shape);
+        }
+        self.seat = Some(seat);
+    }
+
+    fn squeeze(&self) -> Option<Squeeze> {
+        self.seat.as_ref().and_then(Seat::squeeze)
+    }
+
+    /// How far beyond its fabric this bucket's direction is now, if it is on one.
+    pub fn fabric_squeeze(&self) -> Option<Squeeze> {
+        self.squeeze()
+    }
+
+    /// The burst credit in force: the link's, or the fabric's if less while it is shared.
+    fn tau(&self, cost: &Cost) -> Duration {
+        self.squeeze().map_or(cost.tau, |s| cost.tau.min(s.burst))
     }
 
     fn cost_of(shape: &Shape) -> Option<Cost> {
@@ -344,6 +401,9 @@ impl TokenBucket {
         self.cost = Self::cost_of(&shape);
         self.booked = Wire::idle_at(self.booked.end.max(now));
         self.released = Wire::idle_at(self.released.end.max(now));
+        if let Some(seat) = &mut self.seat {
+            seat.reshape(&shape);
+        }
     }
 
     /// Reserves the wire for `n` payload bytes at `now` and returns when they may leave.
@@ -352,7 +412,8 @@ impl TokenBucket {
         let Some(cost) = self.cost else {
             return now;
         };
-        self.booked.book(n, &cost, now).max(now)
+        let squeeze = self.squeeze();
+        self.booked.book(n, &cost, now, squeeze).0.max(now)
     }
 
     /// Reserves the wire for a sparse flow's `n` bytes at `now`: they jump ahead of the
@@ -367,7 +428,10 @@ impl TokenBucket {
         if self.booked.end <= now {
             return self.reserve(n, now);
         }
-        now + self.booked.charge(n, &cost)
+        let squeeze = self.squeeze();
+        let start = self.booked.end;
+        self.booked.squeezed(n, &cost, squeeze);
+        now + (self.booked.end - start)
     }
 
     /// Books the real wire for a chunk of `n` payload bytes whose booking (from
@@ -406,7 +470,15 @@ impl TokenBucket {
         l.line_frac = total % cost.denom;
         l.totals.line +=
             Duration::from_nanos((total / cost.denom).min(u128::from(u64::MAX)) as u64);
-        let go = self.released.book(n, &cost, now);
+        let squeeze = self.squeeze();
+        let (go, extra) = self.released.book(n, &cost, now, squeeze);
+        if !extra.is_zero() {
+            // The fabric's share stretched this chunk's line time: lost to the fabric.
+            let l = &mut self.ledger;
+            let f = Cause::Fabric.index();
+            l.totals.lost[f] += extra;
+            l.totals.shortfall_bytes[f] += cost.bytes_in(extra);
+        }
         if go > self.booked.end {
             // Releases ran late: the wire lost that time; later bookings start after it.
             self.booked = self.released;
@@ -418,6 +490,11 @@ impl TokenBucket {
     pub fn busy(&mut self, now: Instant) {
         self.advance(now);
         self.ledger.busy += 1;
+        if self.ledger.busy == 1 {
+            if let Some(seat) = &mut self.seat {
+                seat.join(&self.shape);
+            }
+        }
     }
 
     /// A connection's released data has been handed to the receiving side.
@@ -433,6 +510,11 @@ impl TokenBucket {
         l.busy = l.busy.saturating_sub(1);
         // The sender had nothing more: the link would have idled during the write too.
         l.totals.idle += std::mem::take(&mut l.pending).0;
+        if l.busy == 0 {
+            if let Some(seat) = &mut self.seat {
+                seat.leave();
+            }
+        }
     }
 
     /// The ledger up to `now`.
@@ -452,6 +534,7 @@ impl TokenBucket {
     /// when some did and the wire's credit sat full (it could have sent and nobody
     /// released), lost, to the destination if a write was pending, else to lateness.
     fn advance(&mut self, now: Instant) {
+        let tau = self.cost.map_or(Duration::ZERO, |c| self.tau(&c));
         let l = &mut self.ledger;
         if now <= l.at {
             return;
@@ -464,13 +547,13 @@ impl TokenBucket {
         let Some(cost) = self.cost else {
             return;
         };
-        let full = self.released.end + cost.tau;
+        let full = self.released.end + tau;
         let start = from.max(full);
         if now <= start {
             return;
         }
         let lost = now - start;
-        let bytes = u64::try_from(lost.as_nanos() * cost.denom / cost.per_byte).unwrap_or(u64::MAX);
+        let bytes = cost.bytes_in(lost);
         if l.writing > 0 {
             // Whether the sender had more to send is known at its next read.
             l.pending.0 += lost;
@@ -676,6 +759,94 @@ mod tests {
         assert_eq!(go, [t0 + ms(10), t0 + ms(11), t0 + ms(12), t0 + ms(13)]);
         // A booking made now starts after the real wire, not after the stale bookings.
         assert_eq!(b.reserve(125_000, stall_end), t0 + ms(14));
+    }
+
+    /// Runs backlogged flows, one per bucket, on fake time until `end`: each books a
+    /// 4 KiB chunk (within the burst, as the pump's chunk limit keeps it), is released when
+    /// due, writes at once and books the next. Returns the bytes each released by `end`.
+    fn run_flows(buckets: &mut [TokenBucket], from: Instant, end: Instant) -> Vec<u64> {
+        const CHUNK: u64 = 4096;
+        let mut next = vec![from; buckets.len()];
+        let mut sent = vec![0; buckets.len()];
+        loop {
+            let (i, &now) = next
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, t)| **t)
+                .expect("at least one flow");
+            if now >= end {
+                return sent;
+            }
+            let b = &mut buckets[i];
+            let at = b.reserve(CHUNK, now);
+            let go = b.release(CHUNK, at, Some(at));
+            b.written(go);
+            if go <= end {
+                sent[i] += CHUNK;
+            }
+            next[i] = go.max(now + Duration::from_nanos(1));
+        }
+    }
+
+    #[test]
+    fn backlogged_routes_share_a_fabric_in_proportion_to_their_links_and_book_it() {
+        use super::super::Direction;
+        use super::super::fabric::{Fabric, FabricConfig, Oversubscribe};
+        let t0 = Instant::now();
+        let fabric = Fabric::new(FabricConfig {
+            shape: shape("300mbit", "1ms", "none"),
+            oversubscribe: Oversubscribe::Share,
+        });
+        let mut buckets = [
+            TokenBucket::new(shape("100mbit", "1ms", "none"), t0),
+            TokenBucket::new(shape("250mbit", "1ms", "none"), t0),
+        ];
+        for b in &mut buckets {
+            b.on_fabric(fabric.clone(), Direction::ToDestination);
+            b.busy(t0);
+        }
+        let secs = 2.0;
+        let end = t0 + Duration::from_secs_f64(secs);
+        let sent = run_flows(&mut buckets, t0, end);
+        let mbit = |bytes: u64| bytes as f64 * 8.0 / secs / 1e6;
+        let (a, b) = (mbit(sent[0]), mbit(sent[1]));
+        // 100:250 scaled to 300: 85.71 and 214.29 Mb/s.
+        assert!((a - 300.0 * 100.0 / 350.0).abs() < 0.5, "{a} Mb/s");
+        assert!((b - 300.0 * 250.0 / 350.0).abs() < 0.5, "{b} Mb/s");
+        assert!((a + b - 300.0).abs() < 0.6, "sum {} Mb/s", a + b);
+        for (bucket, link) in buckets.iter_mut().zip([100e6, 250e6]) {
+            let f = bucket.fidelity(end);
+            let fab = Cause::Fabric.index();
+            // Every second of backlog lost 1 - 300/350 of it to the fabric, nothing else.
+            let ratio = f.carried_bytes as f64 * 8.0
+                / link
+                / (f.line + f.lost.iter().sum::<Duration>()).as_secs_f64();
+            assert!((ratio - 300.0 / 350.0).abs() < 0.01, "ratio {ratio}: {f:?}");
+            let expected = link / 8.0 * secs * 50.0 / 350.0;
+            let short = f.shortfall_bytes[fab] as f64;
+            assert!(
+                (short / expected - 1.0).abs() < 0.02,
+                "{short} vs {expected}: {f:?}"
+            );
+            assert_eq!(f.shortfall_bytes[Cause::Late.index()], 0, "{f:?}");
+            assert_eq!(f.shortfall_bytes[Cause::Destination.index()], 0, "{f:?}");
+        }
+        // The 100 Mb/s route goes idle: the other one gets its whole link again, and a
+        // fabric above the sum squeezes nobody.
+        buckets[0].idle(end);
+        let later = end + Duration::from_secs(1);
+        let before = buckets[1].fidelity(end).shortfall_bytes[Cause::Fabric.index()];
+        let alone = run_flows(&mut buckets[1..], end, later)[0];
+        assert!(
+            (mbit(alone) * secs - 250.0).abs() < 1.0,
+            "{} Mb/s",
+            mbit(alone) * secs
+        );
+        assert_eq!(
+            buckets[1].fidelity(later).shortfall_bytes[Cause::Fabric.index()],
+            before
+        );
+        assert_eq!(fabric.squeeze(Direction::ToDestination), None);
     }
 
     /// A tiny deterministic generator for the simulation below.
@@ -1035,8 +1206,8 @@ mod tests {
         let a = Fidelity {
             carried_bytes: 10,
             line: Duration::from_millis(3),
-            lost: [Duration::from_millis(1), Duration::ZERO],
-            shortfall_bytes: [4, 0],
+            lost: [Duration::from_millis(1), Duration::ZERO, Duration::ZERO],
+            shortfall_bytes: [4, 0, 0],
             idle: Duration::from_millis(7),
         };
         let mut b = a;

@@ -6,6 +6,7 @@
 //! would only add cost. Waiting happens outside the lock, with tokio's timer.
 
 pub mod bucket;
+pub mod fabric;
 pub mod pacer;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,6 +90,15 @@ impl Link {
         }
     }
 
+    /// Puts both directions of this link on `fabric`: while backlogged, each counts in the
+    /// fabric's demand of its direction and, while that exceeds the fabric, runs at its
+    /// share (see [`fabric`]).
+    pub fn on_fabric(&self, fabric: &fabric::Fabric) {
+        for dir in Direction::ALL {
+            self.bucket(dir).on_fabric(fabric.clone(), dir);
+        }
+    }
+
     fn bucket(&self, dir: Direction) -> MutexGuard<'_, TokenBucket> {
         // A poisoned bucket only means another task panicked mid-arithmetic on plain
         // integers; the state is still a valid bucket, so keep shaping.
@@ -134,17 +144,25 @@ impl Link {
     /// release is checked against the wire's real output ([`TokenBucket::release`]), and
     /// credit beyond the burst is lost.
     pub fn chunk_limit(&self, dir: Direction, max: usize) -> usize {
-        let (shape, fraction) = {
+        let (shape, fraction, squeeze) = {
             let b = self.bucket(dir);
-            (b.shape(), b.chunk_fraction())
+            (b.shape(), b.chunk_fraction(), b.fabric_squeeze())
         };
-        let (Some(burst), Some(bits)) = (
+        let (Some(mut burst), Some(bits)) = (
             shape.burst_payload_bytes(),
             shape.framing.payload_rate(shape.rate),
         ) else {
             return max;
         };
-        let per_ms = (bits / 8.0 / 1000.0) as u64;
+        let mut per_ms = (bits / 8.0 / 1000.0) as u64;
+        if let Some(s) = squeeze {
+            // A chunk's line time stretches by 1 + over on a shared fabric and the credit is
+            // the fabric's burst: the chunk shrinks so that it still fits in that credit.
+            let stretch = 1.0 + s.over;
+            let fabric_burst = (s.burst.as_secs_f64() * bits / 8.0) as u64;
+            burst = ((burst.min(fabric_burst) as f64 / stretch) as u64).max(1);
+            per_ms = ((per_ms as f64 / stretch) as u64).max(1);
+        }
         let share = ((burst as f64 * fraction) as u64).max(MIN_CHUNK_LIMIT.min(burst / 2));
         let limit = share.max(1).min(per_ms.max(MIN_CHUNK_LIMIT));
         usize::try_from(limit).unwrap_or(usize::MAX).clamp(1, max)

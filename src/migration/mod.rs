@@ -272,6 +272,8 @@ impl Migration {
         let (outcome, cause) = if let Some(f) = &st.failure {
             if f.starts_with("interrupted") {
                 (MigrationOutcome::Interrupted, Some(f.clone()))
+            } else if f.starts_with("refused") {
+                (MigrationOutcome::Refused, Some(f.clone()))
             } else {
                 (MigrationOutcome::Failed, Some(f.clone()))
             }

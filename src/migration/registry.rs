@@ -12,6 +12,7 @@ use super::Migration;
 use super::record::{ActiveView, LinkEntry, Record};
 use super::sink::RecordSink;
 use crate::link::Link;
+use crate::link::fabric::{Fabric, Refusal, Want};
 use crate::metrics::{MigrationOutcome, RouteMetrics};
 
 /// A route's migrations: the active one, and where finished ones go.
@@ -24,6 +25,9 @@ pub struct RouteAccounting {
     active: Mutex<Option<Arc<Migration>>>,
     recent: Mutex<VecDeque<Record>>,
     next_id: AtomicU64,
+    /// The fabric beneath every route, if the server has one: a new migration registers
+    /// there (and may be refused), an ended one leaves.
+    fabric: Option<Fabric>,
 }
 
 /// Finished migrations kept in memory per route (for `demo` and the control API).
@@ -37,6 +41,7 @@ impl RouteAccounting {
         link: Link,
         sink: Option<Arc<RecordSink>>,
         metrics: RouteMetrics,
+        fabric: Option<Fabric>,
     ) -> Self {
         metrics.link(&link.shape(), link.delay());
         RouteAccounting {
@@ -47,12 +52,50 @@ impl RouteAccounting {
             active: Mutex::new(None),
             recent: Mutex::new(VecDeque::new()),
             next_id: AtomicU64::new(1),
+            fabric,
         }
+    }
+
+    /// Decides, before its upstream connect, whether a connection that arrives now may
+    /// proceed on a fabric that refuses oversubscription: a connection that joins the active
+    /// migration always may; one that would start a new migration may only if its route's
+    /// link fits beside the routes with an active migration (it is then registered, so two
+    /// routes accepting at once cannot both squeeze in).
+    pub fn admit(&self) -> Result<(), Refusal> {
+        let Some(fabric) = self.fabric.as_ref().filter(|f| f.refuses()) else {
+            return Ok(());
+        };
+        let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        if active.as_ref().is_some_and(|m| m.lock().open_conns > 0) {
+            return Ok(());
+        }
+        fabric.admit(&self.route, Want::of(&self.link.shape()))
+    }
+
+    /// Records a migration refused at accept: counted, logged with the reason, and written
+    /// as a record with outcome `refused`. The connection never reached the destination.
+    pub fn refused(self: &Arc<Self>, peer: std::net::SocketAddr, refusal: &Refusal) {
+        self.metrics.refused();
+        warn!(
+            route = %self.route,
+            %peer,
+            fabric_bits_per_second = refusal.fabric_bits,
+            active_bits_per_second = refusal.active_bits,
+            wanted_bits_per_second = refusal.wanted_bits,
+            "migration {refusal}"
+        );
+        let (m, _) = self.open(false);
+        m.abandon_connection(refusal.to_string());
     }
 
     /// Ties a newly connected connection to a migration: joins the active one, or opens a
     /// new one (then this connection is its main channel).
     pub fn attach(self: &Arc<Self>) -> (Arc<Migration>, bool) {
+        self.open(true)
+    }
+
+    /// [`RouteAccounting::attach`]; a new migration registers on the fabric when `register`.
+    fn open(self: &Arc<Self>, register: bool) -> (Arc<Migration>, bool) {
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = active.as_ref() {
             let mut st = m.lock();
@@ -68,6 +111,9 @@ impl RouteAccounting {
         ));
         m.lock().open_conns = 1;
         *active = Some(m.clone());
+        if let Some(f) = self.fabric.as_ref().filter(|_| register) {
+            f.register(&self.route, Want::of(&self.link.shape()));
+        }
         self.metrics.migration_started();
         info!(route = %self.route, migration = %m.id, "migration started");
         (m, true)
@@ -153,6 +199,9 @@ impl RouteAccounting {
             let current = active.as_ref().is_some_and(|m| m.id == id);
             if current {
                 *active = None;
+                if let Some(f) = &self.fabric {
+                    f.finished(&self.route);
+                }
             }
             self.metrics.migration_ended(
                 outcome,
@@ -203,7 +252,13 @@ fn warn_low_fidelity(route: &str, id: &str, record: &Record) {
         }
         let late = f.shortfall_bytes.get("late").copied().unwrap_or(0);
         let destination = f.shortfall_bytes.get("destination").copied().unwrap_or(0);
-        let hint = if late >= destination {
+        let fabric = f.shortfall_bytes.get("fabric").copied().unwrap_or(0);
+        let hint = if fabric > late.max(destination) {
+            "fabric: other routes of this migshaper were backlogged at the same time and their \
+             links together wanted more than the fabric budget (--fabric / [fabric]), so each got \
+             its share; run migrations one at a time, raise the fabric budget if the real \
+             fabric carries more, or set oversubscribe = \"refuse\""
+        } else if late >= destination {
             "late: migshaper's wake-ups came later than the burst absorbs (busy or virtualised \
              host); give migshaper a core of its own, keep the QEMUs off it, or raise --burst \
              (e.g. 4ms)"
@@ -219,6 +274,7 @@ fn warn_low_fidelity(route: &str, id: &str, record: &Record) {
             short_percent = (1.0 - ratio) * 100.0,
             shortfall_late_bytes = late,
             shortfall_destination_bytes = destination,
+            shortfall_fabric_bytes = fabric,
             backlogged_seconds = f.backlogged_seconds,
             hint,
             "link fidelity low: the link delivered {:.1} % of its rate while it had data to \

@@ -235,6 +235,15 @@ impl Connector {
             }
             next_id += 1;
             let span = info_span!("conn", route = %self.route, id = next_id, %peer);
+            if !self.options.no_parse {
+                // A fabric that refuses oversubscription decides before the destination
+                // sees anything: a refused migration never reaches it.
+                if let Err(refusal) = self.accounting.admit() {
+                    span.in_scope(|| self.accounting.refused(peer, &refusal));
+                    drop(client);
+                    continue;
+                }
+            }
             let upstream = match tokio::time::timeout(self.connect_timeout, connect(&self.upstream))
                 .instrument(span.clone())
                 .await

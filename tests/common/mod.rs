@@ -69,6 +69,7 @@ pub fn config(routes: Vec<RouteConfig>) -> Config {
         records: None,
         capture: None,
         control: None,
+        fabric: None,
     }
 }
 
