@@ -41,7 +41,8 @@ pub enum ConnOutcome {
     Interrupted,
     /// The upstream connect failed or timed out.
     UpstreamError,
-    /// Refused because the route was at `max_connections`.
+    /// Refused at accept: the route was at `max_connections`, or its migration would have
+    /// lifted the active routes' links above a fabric that refuses oversubscription.
     Refused,
 }
 

@@ -464,6 +464,18 @@ fn the_fabric_changes_live_and_bad_changes_name_the_field() {
     let (_, v) = get(m.control, "/fabric");
     assert_eq!(v["payload_rate_bits_per_second"], 1_000_000_000);
     assert_eq!(v["oversubscribe"], "refuse");
+    // A SIGHUP applies the file's [fabric] (the routes' links stay as they are).
+    two_routes(&dir, "500mbit", "share", up);
+    m.signal("HUP");
+    m.log.wait_contains("config reload: fabric changed");
+    let (_, v) = get(m.control, "/fabric");
+    assert_eq!(v["payload_rate_bits_per_second"], 500_000_000, "{v}");
+    assert_eq!(v["oversubscribe"], "share", "{v}");
+    put(
+        m.control,
+        "/fabric",
+        r#"{"rate":"1g","oversubscribe":"refuse"}"#,
+    );
     // `status` shows the fabric.
     let out = migshaper()
         .args(["status", "--control", &format!("http://{}", m.control)])
