@@ -312,6 +312,9 @@ async fn the_shipped_example_config_loads() {
     assert_eq!(c.routes.len(), 2);
     assert_eq!(c.routes[0].shape.rate, "1g".parse().unwrap());
     assert_eq!(c.routes[1].shape.framing, "ethernet:9000".parse().unwrap());
+    let fabric = c.fabric.expect("the example has a [fabric] table");
+    // 10 Gb/s x 1448 payload bytes per 1538 bytes of line time.
+    assert_eq!(fabric.payload_bits(), 9_414_824_447, "{fabric:?}");
 }
 
 #[test]
