@@ -51,6 +51,11 @@ pub enum Command {
     Link(LinkCommand),
     /// Show a running server's routes, links and active migrations.
     Status(StatusArgs),
+    /// Receive, discard and answer `migshaper probe` on the destination host.
+    Sink(SinkArgs),
+    /// Measure the path to a `migshaper sink` (throughput both ways, RTT idle and loaded)
+    /// and say whether it carries each link with margin (exit 3 when one does not).
+    Probe(ProbeArgs),
 }
 
 /// How to reach a running server's control API.
@@ -335,5 +340,75 @@ impl ServeArgs {
         timeouts(&mut c);
         c.validate("command line")?;
         Ok(c)
+    }
+}
+
+/// `migshaper sink` arguments.
+#[derive(Debug, Args)]
+pub struct SinkArgs {
+    /// Where probes connect: IP:PORT, [IPv6]:PORT or HOST:PORT (port 0: any free port; the
+    /// bound address is logged as `sink listening on ADDR`).
+    #[arg(long)]
+    pub listen: String,
+    /// How long a connection may take to send its probe handshake.
+    #[arg(long, hide = true, default_value_t = HumanDuration(crate::probe::DEFAULT_HANDSHAKE_TIMEOUT))]
+    pub handshake_timeout: HumanDuration,
+}
+
+impl SinkArgs {
+    /// The sink's options.
+    pub fn options(&self) -> crate::probe::SinkOptions {
+        crate::probe::SinkOptions {
+            listen: self.listen.clone(),
+            handshake_timeout: self.handshake_timeout.0,
+        }
+    }
+}
+
+/// `migshaper probe` arguments.
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// The sink: HOST:PORT (`migshaper sink --listen` on the destination host).
+    #[arg(value_name = "DEST:PORT")]
+    pub target: String,
+    /// Seconds per measurement (each stream count, each direction), at most 60.
+    #[arg(long, default_value_t = 5.0)]
+    pub secs: f64,
+    /// Stream counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    pub streams: Vec<usize>,
+    /// Judge every route of this `migshaper serve --config` file.
+    #[arg(long, conflicts_with_all = ["link", "framing"])]
+    pub config: Option<PathBuf>,
+    /// Judge this link (repeatable; named link1, link2, ...): 1g, 10g, 2.5gbit, 125MB/s.
+    #[arg(long, value_name = "SPEC")]
+    pub link: Vec<LinkRate>,
+    /// Framing of the --link specs: none | ethernet[:MTU] (default ethernet:1500).
+    #[arg(long)]
+    pub framing: Option<Framing>,
+    /// Print one JSON object instead of the table and verdicts.
+    #[arg(long)]
+    pub json: bool,
+    /// Connect and handshake timeout.
+    #[arg(long, hide = true, default_value_t = HumanDuration(crate::probe::DEFAULT_HANDSHAKE_TIMEOUT))]
+    pub handshake_timeout: HumanDuration,
+}
+
+impl ProbeArgs {
+    /// The probe's options.
+    pub fn options(&self) -> crate::probe::ProbeOptions {
+        use crate::probe::{LinkSource, ProbeOptions};
+        ProbeOptions {
+            target: self.target.clone(),
+            secs: self.secs,
+            streams: self.streams.clone(),
+            links: match &self.config {
+                Some(path) => LinkSource::Config(path.clone()),
+                None => {
+                    LinkSource::Specs(self.link.clone(), self.framing.unwrap_or(Framing::DEFAULT))
+                }
+            },
+            handshake_timeout: self.handshake_timeout.0,
+        }
     }
 }

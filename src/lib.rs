@@ -20,6 +20,7 @@
 //! | [`app`] | bind every route, run, reload on SIGHUP, drain on shutdown |
 //! | [`demo`] | `migshaper demo`: a bundled real migration replayed at 1g and 10g through an in-process migshaper |
 //! | [`inspect`] | `migshaper inspect`: offline analysis of capture files (plain or `.zst`) into bytes per phase and QEMU's RAM counters |
+//! | [`probe`] | `migshaper sink` and `migshaper probe`: does the real path between the hosts carry the configured links with margin? |
 //! | [`cli`] | clap definitions; `main.rs` is a thin shell over them |
 //! | [`client`] | `migshaper link get/set/schedule` and `migshaper status`: the control API's CLI client |
 //!
@@ -28,7 +29,7 @@
 //! `crate::` paths form no cycle):
 //!
 //! `spec` → `link` → `config`, `qemu`, `tap` → `metrics` → `migration` → `proxy` →
-//! `route` → `control` → `app` → `demo`, `inspect`, `cli` → `client` (→ `main.rs`).
+//! `route` → `control` → `app` → `demo`, `inspect`, `probe` → `cli` → `client` (→ `main.rs`).
 //!
 //! The pumps ([`proxy`]) and the accounting ([`migration`]) meet only through [`tap::Tap`];
 //! link changes go through [`route::RouteHandle::change_link`], never through the
@@ -77,6 +78,7 @@ pub mod inspect;
 pub mod link;
 pub mod metrics;
 pub mod migration;
+pub mod probe;
 pub mod proxy;
 pub mod qemu;
 pub mod route;

@@ -1,6 +1,7 @@
 //! The `migshaper` command: parse flags, set up logging, call the library, map errors to
-//! exit codes (2: bad configuration, cannot start, or `inspect` cannot read a file;
-//! 1: runtime failure).
+//! exit codes (2: bad configuration, cannot start, `inspect` cannot read a file, or `probe`
+//! cannot measure (no sink there, bad flags); 1: runtime failure; 3: `probe` measured a
+//! path that does not carry a link with margin).
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -20,6 +21,56 @@ fn main() -> ExitCode {
         Command::Status(args) => {
             client_result(migshaper::client::status(&args).map(|()| String::new()))
         }
+        Command::Sink(args) => sink(&args),
+        Command::Probe(args) => probe(&args),
+    }
+}
+
+fn sink(args: &migshaper::cli::SinkArgs) -> ExitCode {
+    let opts = args.options();
+    match migshaper::probe::bind_sink(&opts) {
+        Ok(listener) => {
+            migshaper::probe::run_sink(listener, &opts);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("migshaper: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Exit 0 when every link fits, 3 when one does not, 2 when nothing could be measured.
+fn probe(args: &migshaper::cli::ProbeArgs) -> ExitCode {
+    let report = match migshaper::probe::probe(&args.options()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("migshaper: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let text = if args.json {
+        match serde_json::to_string(&report) {
+            Ok(j) => j + "\n",
+            Err(e) => {
+                eprintln!("migshaper: cannot encode the report as JSON: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        report.to_string()
+    };
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("migshaper: cannot write the report: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    if report.all_faithful() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
     }
 }
 
