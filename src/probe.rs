@@ -653,16 +653,29 @@ struct Wanted {
 
 fn wanted_links(src: &LinkSource) -> Result<Vec<Wanted>> {
     Ok(match src {
-        LinkSource::Config(path) => Config::from_file(path)?
-            .routes
-            .into_iter()
-            .map(|r| Wanted {
-                name: r.name,
-                route: true,
-                rate: r.shape.rate,
-                framing: r.shape.framing,
-            })
-            .collect(),
+        LinkSource::Config(path) => {
+            let config = Config::from_file(path)?;
+            let mut wanted: Vec<Wanted> = config
+                .routes
+                .into_iter()
+                .map(|r| Wanted {
+                    name: r.name,
+                    route: true,
+                    rate: r.shape.rate,
+                    framing: r.shape.framing,
+                })
+                .collect();
+            // A fabric budget the path cannot carry would share out more than there is.
+            if let Some(f) = config.fabric {
+                wanted.push(Wanted {
+                    name: "fabric".into(),
+                    route: false,
+                    rate: f.shape.rate,
+                    framing: f.shape.framing,
+                });
+            }
+            wanted
+        }
         LinkSource::Specs(rates, framing) => rates
             .iter()
             .enumerate()

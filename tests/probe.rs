@@ -138,6 +138,9 @@ fn probe_measures_loopback_both_ways_and_judges_links() {
     std::fs::write(
         &config,
         r#"
+        [fabric]
+        rate = "2mbit"
+
         [[route]]
         name = "r1m"
         listen = "127.0.0.1:0"
@@ -176,6 +179,9 @@ fn probe_measures_loopback_both_ways_and_judges_links() {
     assert!(r1m.contains(" (1 stream): faithful ("), "{r1m}");
     let huge = line("route rhuge: 10tbit needs 9.41 Tb/s of payload; path carried ");
     assert!(huge.contains(" (1 stream): NOT faithful (0."), "{huge}");
+    // The fabric budget is judged too.
+    let fabric = line("fabric: 2mbit needs 1.88 Mb/s of payload; path carried ");
+    assert!(fabric.contains(": faithful ("), "{fabric}");
     assert!(line("      1  ").contains(" ms"), "{stdout}");
 }
 
