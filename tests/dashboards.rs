@@ -4,8 +4,10 @@
 //! its control API, a Prometheus (the Debian `prometheus` binary) scraping its `/metrics`
 //! every second, replays the bundled QEMU capture (a hybrid pre-copy → post-copy migration)
 //! through the route, and then evaluates every panel query of the dashboard through
-//! Prometheus' HTTP API with Grafana's variables substituted: each must succeed and return
-//! data, and every `migshaper_*` metric the dashboard names must be in `/metrics`.
+//! Prometheus' HTTP API with Grafana's variables substituted (`$instance` by the scraped
+//! migshaper's address): each must succeed and return data, and none may return data for an
+//! instance Prometheus does not scrape; every `migshaper_*` metric the dashboard names must be
+//! in `/metrics`.
 //! `the_dashboard_is_portable` checks, without any server, what makes the JSON work both
 //! imported by hand and provisioned from files.
 
@@ -27,7 +29,8 @@ const WAIT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
 /// The route name `serve` uses when `--name` is not given.
 const ROUTE: &str = "default";
-/// Grafana's macros and variables, as the test substitutes them (longest first).
+/// Grafana's macros and variables, as the test substitutes them (longest first), but for
+/// `$instance` (see [`substitute`]).
 const MACROS: &[(&str, &str)] = &[
     ("$__rate_interval", "5s"),
     ("$__interval", "1s"),
@@ -35,6 +38,9 @@ const MACROS: &[(&str, &str)] = &[
     ("${route}", ROUTE),
     ("$route", ROUTE),
 ];
+/// The template variables, in the order Grafana must resolve them: `route` lists the routes
+/// of the selected instances.
+const VARIABLES: &[&str] = &["datasource", "instance", "route"];
 /// The datasource uid the provisioning file gives Prometheus.
 const PROVISIONED_UID: &str = "migshaper-prometheus";
 
@@ -67,6 +73,7 @@ struct Query {
     panel: String,
     ref_id: String,
     expr: String,
+    legend: Option<String>,
 }
 
 impl Query {
@@ -88,6 +95,7 @@ fn queries(dash: &Value) -> Vec<Query> {
                 panel,
                 ref_id,
                 expr: expr.to_string(),
+                legend: t["legendFormat"].as_str().map(str::to_string),
             });
         }
     }
@@ -99,12 +107,16 @@ fn queries(dash: &Value) -> Vec<Query> {
     out
 }
 
-/// `expr` as Grafana would send it for route [`ROUTE`].
-fn substitute(expr: &str) -> String {
+/// `expr` as Grafana would send it for route [`ROUTE`] on the migshaper `instance` (the
+/// `instance` label Prometheus gives the target: its `HOST:PORT`).
+fn substitute(expr: &str, instance: &str) -> String {
     let mut e = expr.to_string();
     for (var, value) in MACROS {
         e = e.replace(var, value);
     }
+    e = e
+        .replace("${instance}", instance)
+        .replace("$instance", instance);
     assert!(
         !e.contains('$'),
         "an unknown Grafana variable is left in {e:?}"
@@ -125,20 +137,67 @@ fn metric_names(expr: &str, out: &mut BTreeSet<String>) {
     }
 }
 
-/// The route variable's `label_values(METRIC, LABEL)` query.
-fn route_variable(dash: &Value) -> &Value {
+/// The template variable called `name`.
+fn variable<'a>(dash: &'a Value, name: &str) -> &'a Value {
     dash["templating"]["list"]
         .as_array()
         .expect("templating.list")
         .iter()
-        .find(|v| v["name"] == "route")
-        .expect("a `route` variable")
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("a `{name}` variable"))
 }
 
-fn route_variable_query(dash: &Value) -> String {
-    let v = route_variable(dash);
+/// A query variable's `label_values(SELECTOR, LABEL)` query.
+fn variable_query(dash: &Value, name: &str) -> String {
+    let v = variable(dash, name);
     let q = v["query"]["query"].as_str().or(v["query"].as_str());
-    q.expect("the route variable's query").to_string()
+    q.unwrap_or_else(|| panic!("the {name} variable's query"))
+        .to_string()
+}
+
+/// `label_values(SELECTOR, LABEL)` → (SELECTOR, LABEL).
+fn label_values(query: &str) -> (&str, &str) {
+    let inner = query
+        .strip_prefix("label_values(")
+        .and_then(|q| q.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("not label_values(..): {query}"));
+    let (selector, label) = inner
+        .rsplit_once(',')
+        .expect("label_values(SELECTOR, LABEL)");
+    (selector.trim(), label.trim())
+}
+
+/// Every `migshaper_*` selector in `expr` with its label matchers (empty when it has none).
+fn selectors(expr: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("migshaper_") {
+        rest = &rest[i..];
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[name.len()..];
+        let matchers = match rest.strip_prefix('{') {
+            Some(m) => m[..m.find('}').expect("unclosed {")].to_string(),
+            None => String::new(),
+        };
+        out.push((name, matchers));
+    }
+    out
+}
+
+/// The label lists of every `by (...)` in `expr`.
+fn groupings(expr: &str) -> Vec<Vec<String>> {
+    expr.match_indices("by (")
+        .map(|(i, m)| {
+            let rest = &expr[i + m.len()..];
+            rest[..rest.find(')').expect("unclosed by (")]
+                .split(',')
+                .map(|l| l.trim().to_string())
+                .collect()
+        })
+        .collect()
 }
 
 #[test]
@@ -167,17 +226,30 @@ fn the_dashboard_is_portable() {
         ds["current"]["value"], PROVISIONED_UID,
         "the datasource variable defaults to the provisioned datasource"
     );
-    let route = route_variable(&dash);
-    assert_eq!(route["type"], "query");
-    assert_eq!(route["multi"], true);
-    assert_eq!(route["includeAll"], true);
-    assert_eq!(
-        route_variable_query(&dash),
-        "label_values(migshaper_link_rate_bytes_per_second, route)"
-    );
-
+    let names: Vec<&str> = vars.iter().filter_map(|v| v["name"].as_str()).collect();
+    assert_eq!(names, VARIABLES, "template variables, in resolution order");
     let want = serde_json::json!({"type": "prometheus", "uid": "${datasource}"});
-    assert_eq!(route["datasource"], want, "route variable");
+    for (name, query) in [
+        (
+            "instance",
+            "label_values(migshaper_link_rate_bytes_per_second, instance)",
+        ),
+        (
+            "route",
+            r#"label_values(migshaper_link_rate_bytes_per_second{instance=~"$instance"}, route)"#,
+        ),
+    ] {
+        let v = variable(&dash, name);
+        assert_eq!(v["type"], "query", "{name}");
+        assert_eq!(v["multi"], true, "{name}");
+        assert_eq!(v["includeAll"], true, "{name}");
+        assert_eq!(v["datasource"], want, "{name} variable");
+        assert_eq!(variable_query(&dash, name), query);
+        assert_eq!(
+            v["definition"], query,
+            "{name}: definition and query differ"
+        );
+    }
     let mut ids = BTreeSet::new();
     for p in panels(&dash) {
         let title = p["title"].as_str().unwrap_or("?");
@@ -205,13 +277,38 @@ fn the_dashboard_is_portable() {
         );
     }
     for q in queries(&dash) {
+        // Every selector filters by both variables, so no series of an unselected host or
+        // route enters any part of the query.
+        let sel = selectors(&q.expr);
+        assert!(!sel.is_empty(), "{} selects no migshaper metric", q.name());
+        for (metric, matchers) in sel {
+            for filter in [r#"instance=~"$instance""#, r#"route=~"$route""#] {
+                assert!(
+                    matchers.contains(filter),
+                    "{}: {metric}{{{matchers}}} lacks {filter}: {}",
+                    q.name(),
+                    q.expr
+                );
+            }
+        }
+        // Per-route series stay apart per host: routes of the same name on two hosts are two
+        // routes.
+        for by in groupings(&q.expr) {
+            assert!(
+                !by.iter().any(|l| l == "route") || by.iter().any(|l| l == "instance"),
+                "{}: `by ({})` merges routes of different instances: {}",
+                q.name(),
+                by.join(", "),
+                q.expr
+            );
+        }
+        let legend = q.legend.as_deref().unwrap_or("");
         assert!(
-            q.expr.contains(r#"route=~"$route""#),
-            "{} does not filter by the route variable: {}",
-            q.name(),
-            q.expr
+            !legend.contains("{{route}}") || legend.contains("{{instance}}"),
+            "{}: legend {legend:?} names the route but not the instance",
+            q.name()
         );
-        substitute(&q.expr);
+        substitute(&q.expr, "host-a.example:9464");
     }
 
     let read = |p: &str| std::fs::read_to_string(repo().join(p)).unwrap();
@@ -539,30 +636,45 @@ fn every_dashboard_query_has_data_after_a_real_migration() {
     for q in &queries {
         metric_names(&q.expr, &mut referenced);
     }
-    metric_names(&route_variable_query(&dash), &mut referenced);
+    for name in ["instance", "route"] {
+        metric_names(&variable_query(&dash, name), &mut referenced);
+    }
     for name in &referenced {
         if !exposed.contains(name) {
             failures.push(format!("metric {name} is not in migshaper's /metrics"));
         }
     }
 
-    // The route variable lists the route.
-    let (metric, label) = ("migshaper_link_rate_bytes_per_second", "route");
-    let (_, body) = prom
-        .http
-        .get(
-            &format!("{}/api/v1/label/{label}/values", prom.base),
-            &[("match[]", metric)],
-        )
-        .unwrap();
-    let values: Value = serde_json::from_str(&body).unwrap();
-    if !values["data"]
-        .as_array()
-        .is_some_and(|a| a.iter().any(|v| v == ROUTE))
-    {
-        failures.push(format!(
-            "variable route: label_values({metric}, {label}) lacks {ROUTE:?}: {body}"
-        ));
+    // The `instance` label Prometheus gives the scraped migshaper: what the instance
+    // variable must list and the panels filter by.
+    let up = prom.query(r#"up{job="migshaper"}"#).unwrap();
+    let instance = up[0]["metric"]["instance"]
+        .as_str()
+        .unwrap_or_else(|| panic!("up has no instance label: {up:?}"))
+        .to_string();
+
+    // The variables list the instance, and the route of that instance, as Grafana asks
+    // Prometheus for them (the series API with the variable's selector).
+    for (name, want) in [("instance", instance.as_str()), ("route", ROUTE)] {
+        let query = variable_query(&dash, name);
+        let (selector, label) = label_values(&query);
+        let selector = substitute(selector, &instance);
+        let (_, body) = prom
+            .http
+            .get(
+                &format!("{}/api/v1/label/{label}/values", prom.base),
+                &[("match[]", selector.as_str())],
+            )
+            .unwrap();
+        let values: Value = serde_json::from_str(&body).unwrap();
+        if !values["data"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|v| v == want))
+        {
+            failures.push(format!(
+                "variable {name}: label_values({selector}, {label}) lacks {want:?}: {body}"
+            ));
+        }
     }
 
     // Every panel query succeeds with data. Data present now stays (counters, gauges and
@@ -572,7 +684,7 @@ fn every_dashboard_query_has_data_after_a_real_migration() {
         let mut failed = Vec::new();
         let mut report = Vec::new();
         for q in &queries {
-            let expr = substitute(&q.expr);
+            let expr = substitute(&q.expr, &instance);
             match prom.query(&expr) {
                 Ok(samples) if samples.is_empty() => {
                     failed.push(format!("{}: no data: {expr}", q.name()));
@@ -590,6 +702,21 @@ fn every_dashboard_query_has_data_after_a_real_migration() {
         std::thread::sleep(Duration::from_millis(500));
     };
     failures.extend(failed_queries);
+
+    // With another host selected, nothing of this one shows.
+    let elsewhere = "not-scraped.example:9464";
+    for q in &queries {
+        let expr = substitute(&q.expr, elsewhere);
+        match prom.query(&expr) {
+            Ok(samples) if samples.is_empty() => {}
+            Ok(samples) => failures.push(format!(
+                "{}: data for instance {elsewhere}, which Prometheus does not scrape: {}: {expr}",
+                q.name(),
+                summary(&samples)
+            )),
+            Err(e) => failures.push(format!("{}: {e}: {expr}", q.name())),
+        }
+    }
 
     assert!(
         failures.is_empty(),
