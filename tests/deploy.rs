@@ -257,6 +257,10 @@ fn the_example_config_loads_and_fits_the_unit() {
     let config = Config::from_file(&repo().join(CONFIG)).unwrap_or_else(|e| panic!("{e}"));
     let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["to-dst-b", "to-dst-c"]);
+    assert!(
+        config.fabric.is_some(),
+        "the example has this host's [fabric] share"
+    );
     for r in &config.routes {
         let listen: std::net::SocketAddr = r.listen.parse().unwrap();
         assert!(
@@ -366,6 +370,7 @@ fn exec_start_serves_the_example_and_exec_reload_applies_it() {
     // `systemctl reload`: ExecReload as written, $MAINPID being the server.
     let changed = local_copy(tmp.path(), |t| {
         t["route"][0]["link"] = toml::Value::String("2.5gbit".into());
+        t["fabric"]["rate"] = toml::Value::String("7gbit".into());
     });
     assert_eq!(changed, config);
     let reload = service()
@@ -378,6 +383,14 @@ fn exec_start_serves_the_example_and_exec_reload_applies_it() {
     assert_eq!(change["origin"], "SIGHUP", "{change}");
     assert_eq!(change["route"], "to-dst-b", "{change}");
     assert_ne!(change["link"], change["previous_link"], "{change}");
+    let fabric = server.log.wait_for("the fabric change", |line| {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        v["message"]
+            .as_str()?
+            .starts_with("config reload: fabric changed")
+            .then_some(v)
+    });
+    assert_eq!(fabric["rate"], "7gbit", "{fabric}");
 
     // `systemctl stop`: SIGTERM (the unit keeps systemd's KillSignal), status 0, so
     // Restart=on-failure leaves it stopped, within TimeoutStopSec.
