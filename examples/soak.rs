@@ -70,17 +70,25 @@ struct Totals {
     errors: AtomicU64,
 }
 
-/// Sends the seeded stream until `stop`, then half-closes.
-async fn send(mut w: tokio::net::tcp::OwnedWriteHalf, seed: u64, stop: Arc<AtomicBool>) -> u64 {
+/// Sends the seeded stream until `stop`, then half-closes; the first `skip` bytes were
+/// written already.
+async fn send(
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    skip: usize,
+) -> u64 {
     let mut g = Seeded::new(seed);
     let mut buf = vec![0u8; 64 * 1024];
-    let mut sent = 0u64;
+    let mut sent = skip as u64;
+    let mut from = skip;
     while !stop.load(Ordering::Relaxed) {
         g.fill(&mut buf);
-        if w.write_all(&buf).await.is_err() {
+        if w.write_all(&buf[from..]).await.is_err() {
             return u64::MAX;
         }
-        sent += buf.len() as u64;
+        sent += (buf.len() - from) as u64;
+        from = 0;
     }
     let _ = w.shutdown().await;
     sent
@@ -122,20 +130,25 @@ async fn run_conns(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     for i in 0..conns as u64 {
-        let c = TcpStream::connect(via).await.expect("connect to migshaper");
+        let up = seed0 + 2 * i;
+        let down = seed0 + 2 * i + 1;
+        let mut c = TcpStream::connect(via).await.expect("connect to migshaper");
+        // The source speaks first: migshaper connects a connection upstream only once it
+        // has sent a byte, when it would open a migration.
+        let mut first = [0u8; 1];
+        Seeded::new(up).fill(&mut first);
+        c.write_all(&first).await.expect("first byte to migshaper");
         let (d, _) = sink.accept().await.expect("accept from migshaper");
         let (cr, cw) = c.into_split();
         let (dr, dw) = d.into_split();
-        let up = seed0 + 2 * i;
-        let down = seed0 + 2 * i + 1;
         let (s1, s2) = (stop.clone(), stop.clone());
         let (t1, t2, t3) = (totals.clone(), totals.clone(), totals.clone());
         tasks.push(tokio::spawn(async move {
             let (a, b, sent_up, sent_down) = tokio::join!(
                 check(dr, up, t1),
                 check(cr, down, t2),
-                send(cw, up, s1),
-                send(dw, down, s2)
+                send(cw, up, s1, 1),
+                send(dw, down, s2, 0)
             );
             if a != sent_up || b != sent_down {
                 // Everything sent must arrive (sent == u64::MAX: a write failed).

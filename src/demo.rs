@@ -166,12 +166,16 @@ pub async fn replay_through(replay: &Replay, rate: &str) -> Result<Record, DemoE
 }
 
 async fn transfer(replay: &Replay, via: SocketAddr, dest: TcpListener) -> Result<(), DemoError> {
-    let source = TcpStream::connect(via).await?;
-    let (mut d, _) = dest.accept().await?;
+    let mut source = TcpStream::connect(via).await?;
+    // QEMU's source speaks first on the main channel, and migshaper connects upstream only
+    // then (a port check never reaches the destination).
     let main = replay.main.clone();
+    let first = main.len().min(1);
+    source.write_all(&main[..first]).await?;
+    let (mut d, _) = dest.accept().await?;
     let (mut sr, mut sw) = source.into_split();
     let send = tokio::spawn(async move {
-        sw.write_all(&main).await?;
+        sw.write_all(&main[first..]).await?;
         sw.shutdown().await
     });
     // The return path, except its last message (SHUT, 8 bytes), goes out at once; SHUT

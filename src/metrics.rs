@@ -44,16 +44,20 @@ pub enum ConnOutcome {
     /// Refused at accept: the route was at `max_connections`, or its migration would have
     /// lifted the active routes' links above a fabric that refuses oversubscription.
     Refused,
+    /// Would have been a migration's main channel but closed (or stayed silent) without
+    /// sending a byte: a port check, never forwarded to the destination.
+    Empty,
 }
 
 impl ConnOutcome {
     /// Every outcome, in index order.
-    pub const ALL: [ConnOutcome; 5] = [
+    pub const ALL: [ConnOutcome; 6] = [
         ConnOutcome::Closed,
         ConnOutcome::Reset,
         ConnOutcome::Interrupted,
         ConnOutcome::UpstreamError,
         ConnOutcome::Refused,
+        ConnOutcome::Empty,
     ];
 
     /// The label value.
@@ -64,6 +68,7 @@ impl ConnOutcome {
             ConnOutcome::Interrupted => "interrupted",
             ConnOutcome::UpstreamError => "upstream_error",
             ConnOutcome::Refused => "refused",
+            ConnOutcome::Empty => "empty",
         }
     }
 
@@ -75,6 +80,7 @@ impl ConnOutcome {
             ConnOutcome::Interrupted => 2,
             ConnOutcome::UpstreamError => 3,
             ConnOutcome::Refused => 4,
+            ConnOutcome::Empty => 5,
         }
     }
 }
@@ -406,7 +412,7 @@ struct RouteInner {
     carried: [Counter; 2],
     shortfall: [[Counter; 3]; 2],
     conns_active: [Gauge; 6],
-    conns_total: [[Counter; 5]; 6],
+    conns_total: [[Counter; 6]; 6],
     upstream_errors: Counter,
     migrations_active: Gauge,
     migrations_total: [Counter; 5],
@@ -483,6 +489,12 @@ impl RouteMetrics {
     /// Counts a connection refused because the route is at `max_connections`.
     pub fn refused(&self) {
         self.inner.conns_total[ChannelKind::Unknown.index()][ConnOutcome::Refused.index()]
+            .increment(1);
+    }
+
+    /// Counts a would-be main channel that sent nothing (never forwarded).
+    pub fn empty(&self) {
+        self.inner.conns_total[ChannelKind::Unknown.index()][ConnOutcome::Empty.index()]
             .increment(1);
     }
 

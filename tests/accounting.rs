@@ -42,7 +42,9 @@ fn streams(name: &str) -> (Vec<Vec<u8>>, Vec<u8>, serde_json::Value) {
 }
 
 /// Plays a migration's connections through `via` to `upstream` (main first, then the
-/// others, all connected before any data flows, as QEMU does).
+/// others, all connected before the bulk of the data flows, as QEMU does; the main channel
+/// speaks first, as QEMU's does, since migshaper forwards a would-be main channel only
+/// once it has sent a byte).
 async fn drive(
     via: std::net::SocketAddr,
     upstream: &TcpListener,
@@ -51,8 +53,13 @@ async fn drive(
 ) {
     let mut clients = Vec::new();
     let mut dests = Vec::new();
-    for _ in 0..s2d.len() {
-        clients.push(TcpStream::connect(via).await.unwrap());
+    for (i, data) in s2d.iter_mut().enumerate() {
+        let mut c = TcpStream::connect(via).await.unwrap();
+        if i == 0 && !data.is_empty() {
+            c.write_all(&data[..1]).await.unwrap();
+            data.remove(0);
+        }
+        clients.push(c);
         dests.push(upstream.accept().await.unwrap().0);
     }
     let mut tasks = Vec::new();
@@ -214,8 +221,10 @@ async fn a_reset_mid_stream_is_recorded_as_failed() {
     let server = start(cfg);
     let data = load(&fixture("precopy-idle-256m").join("c0.s2d.bin.zst"));
     let mut c = TcpStream::connect(server.addr()).await.unwrap();
+    // The source speaks first (migshaper connects upstream on its first byte).
+    c.write_all(&data[..1]).await.unwrap();
     let (mut d, _) = upstream.accept().await.unwrap();
-    c.write_all(&data[..1_000_000]).await.unwrap();
+    c.write_all(&data[1..1_000_000]).await.unwrap();
     let mut buf = vec![0u8; 1_000_000];
     d.read_exact(&mut buf).await.unwrap();
     c.set_zero_linger().unwrap();
@@ -238,6 +247,7 @@ async fn an_upstream_refusal_is_recorded_as_failed() {
     cfg.records = Some(records.clone());
     let server = start(cfg);
     let mut c = TcpStream::connect(server.addr()).await.unwrap();
+    c.write_all(b"QEVM").await.unwrap();
     let mut b = [0u8; 1];
     let _ = c.read(&mut b).await;
     server.shutdown().await;
@@ -271,8 +281,8 @@ async fn capture_writes_each_direction_of_each_connection_and_no_parse_writes_no
     }));
     for i in 0..2u8 {
         let mut c = TcpStream::connect(addr).await.unwrap();
-        let (mut d, _) = upstream.accept().await.unwrap();
         c.write_all(&[b'a' + i; 1000]).await.unwrap();
+        let (mut d, _) = upstream.accept().await.unwrap();
         c.shutdown().await.unwrap();
         let mut got = Vec::new();
         d.read_to_end(&mut got).await.unwrap();

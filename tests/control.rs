@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    Running, Spawned, TempDir, check_seeded, config, migshaper, route, send_seeded, start,
+    Running, Spawned, TempDir, check_seeded, config, first_seeded_byte, migshaper, route,
+    send_seeded_after, start,
 };
 use migshaper::config::ControlConfig;
 use serde_json::{Value, json};
@@ -124,6 +125,8 @@ async fn metrics_and_migrations_follow_a_migration_live_and_match_its_record() {
     let r = "test";
 
     let mut source = TcpStream::connect(server.addr()).await.unwrap();
+    // The source speaks first (migshaper connects upstream on its first byte).
+    source.write_all(&replay.main[..1]).await.unwrap();
     let (mut d, _) = dest.accept().await.unwrap();
     let received = Arc::new(AtomicU64::new(0));
     let rp = replay.return_path.clone();
@@ -145,7 +148,7 @@ async fn metrics_and_migrations_follow_a_migration_live_and_match_its_record() {
 
     // First 30 MB: the migration is in its first pre-copy pass. Hold the rest back.
     let first = 30_000_000;
-    source.write_all(&replay.main[..first]).await.unwrap();
+    source.write_all(&replay.main[1..first]).await.unwrap();
     until(Duration::from_secs(30), "30 MB at the destination", || {
         received.load(Ordering::Relaxed) >= first as u64
     })
@@ -535,7 +538,8 @@ async fn a_link_change_reaches_every_open_connection_and_drops_nothing() {
     let mut checks = Vec::new();
     let mut sends = Vec::new();
     for i in 0..CONNS {
-        let c = TcpStream::connect(server.addr()).await.unwrap();
+        let mut c = TcpStream::connect(server.addr()).await.unwrap();
+        c.write_all(&[first_seeded_byte(100 + i)]).await.unwrap();
         let (up, _) = sink.accept().await.unwrap();
         let counters = counters.clone();
         checks.push(tokio::spawn(async move {
@@ -550,7 +554,7 @@ async fn a_link_change_reaches_every_open_connection_and_drops_nothing() {
         }));
         sends.push(tokio::spawn(async move {
             let (_r, w) = c.into_split();
-            send_seeded(w, 100 + i, LEN).await.unwrap();
+            send_seeded_after(w, 100 + i, LEN, 1).await.unwrap();
         }));
     }
     // Let the 100 Mb/s link fill.

@@ -517,14 +517,16 @@ fn accept(listener: &TcpListener) -> TcpStream {
 /// path; the destination behind `dest` reads the stream and writes `d2s`, its final SHUT
 /// (8 bytes) after the stream has ended, as QEMU's destination does.
 fn replay(via: SocketAddr, dest: &TcpListener, s2d: &[u8], d2s: &[u8]) {
-    let source = TcpStream::connect(via).expect("connect to the route");
+    let mut source = TcpStream::connect(via).expect("connect to the route");
     source.set_read_timeout(Some(WAIT)).unwrap();
     source.set_write_timeout(Some(WAIT)).unwrap();
+    // The source speaks first (migshaper connects upstream on its first byte).
+    source.write_all(&s2d[..1]).unwrap();
     let mut d = accept(dest);
     let back = std::thread::scope(|s| {
         let mut w = source.try_clone().unwrap();
         let send = s.spawn(move || {
-            w.write_all(s2d).expect("source: write the stream");
+            w.write_all(&s2d[1..]).expect("source: write the stream");
             w.shutdown(Shutdown::Write).unwrap();
         });
         let destination = s.spawn(move || {

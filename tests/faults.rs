@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Spawned, TempDir, config, migshaper, route, rss_kib, start, sum};
+use common::{Spawned, TempDir, config, migshaper, open_via, route, rss_kib, start, sum};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -18,9 +18,7 @@ async fn connections_over_max_connections_are_refused_counted_and_the_slot_comes
     let server = start(config(vec![r]));
     let mut held = Vec::new();
     for _ in 0..3 {
-        let c = TcpStream::connect(server.addr()).await.unwrap();
-        let (up, _) = dest.accept().await.unwrap();
-        held.push((c, up));
+        held.push(open_via(server.addr(), &dest, b"x").await);
     }
     // The fourth is accepted by the kernel, then closed by migshaper without an upstream.
     let mut extra = TcpStream::connect(server.addr()).await.unwrap();
@@ -91,7 +89,10 @@ async fn a_thousand_idle_connections_leave_the_link_to_the_busy_one() {
     r.parse = false;
     let server = start(config(vec![r]));
     let mut idle = Vec::with_capacity(IDLE);
-    for _ in 0..IDLE {
+    // The first speaks (migshaper forwards a would-be main channel on its first byte);
+    // the others join it and stay silent.
+    idle.push(open_via(server.addr(), &dest, b"x").await);
+    for _ in 1..IDLE {
         let c = TcpStream::connect(server.addr()).await.unwrap();
         let (up, _) = dest.accept().await.unwrap();
         idle.push((c, up));
@@ -155,11 +156,8 @@ async fn shutdown_during_four_migrations_writes_four_interrupted_records() {
     for (i, dest) in dests.iter().enumerate() {
         // A migration in its first pre-copy pass that does not finish: the source sends
         // 8 MB and then waits.
-        let mut src = TcpStream::connect(server.routes[i].local_addr)
-            .await
-            .unwrap();
-        let (mut d, _) = dest.accept().await.unwrap();
-        forward_checked(&mut src, &mut d, &replay.main[..8_000_000]).await;
+        let (mut src, mut d) = open_via(server.routes[i].local_addr, dest, &replay.main[..1]).await;
+        forward_checked(&mut src, &mut d, &replay.main[1..8_000_000]).await;
         held.push((src, d));
     }
     for r in &server.routes {
@@ -326,9 +324,10 @@ async fn fault_upstream_refuses() {
     let addr = closed.local_addr().unwrap();
     drop(closed);
     let s = serve(addr, &[]);
-    // migshaper resets the client at once; the reset may even beat the connect's return.
+    // migshaper connects upstream once the source has spoken, and resets the client at once.
     match TcpStream::connect(s.listen).await {
         Ok(mut c) => {
+            let _ = c.write_all(b"QEVM").await;
             let mut b = [0u8; 1];
             assert!(
                 matches!(c.read(&mut b).await, Ok(0) | Err(_)),
@@ -376,6 +375,7 @@ async fn fault_upstream_unreachable_times_out() {
     let s = serve(addr, &["--connect-timeout", "300ms"]);
     let t0 = Instant::now();
     let mut c = TcpStream::connect(s.listen).await.unwrap();
+    c.write_all(b"QEVM").await.unwrap();
     let mut b = [0u8; 1];
     assert!(
         matches!(c.read(&mut b).await, Ok(0) | Err(_)),
@@ -410,9 +410,8 @@ async fn fault_destination_resets_mid_stream() {
     let replay = migshaper::demo::Replay::bundled().unwrap();
     let dest = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let s = serve(dest.local_addr().unwrap(), &[]);
-    let mut c = TcpStream::connect(s.listen).await.unwrap();
-    let (mut d, _) = dest.accept().await.unwrap();
-    forward_checked(&mut c, &mut d, &replay.main[..4_000_000]).await;
+    let (mut c, mut d) = open_via(s.listen, &dest, &replay.main[..1]).await;
+    forward_checked(&mut c, &mut d, &replay.main[1..4_000_000]).await;
     reset(d);
     // The source sees its connection fail (its next writes or reads).
     let failed = tokio::time::timeout(Duration::from_secs(10), async {
@@ -447,9 +446,8 @@ async fn fault_source_resets_mid_stream() {
     let replay = migshaper::demo::Replay::bundled().unwrap();
     let dest = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let s = serve(dest.local_addr().unwrap(), &[]);
-    let mut c = TcpStream::connect(s.listen).await.unwrap();
-    let (mut d, _) = dest.accept().await.unwrap();
-    forward_checked(&mut c, &mut d, &replay.main[..4_000_000]).await;
+    let (mut c, mut d) = open_via(s.listen, &dest, &replay.main[..1]).await;
+    forward_checked(&mut c, &mut d, &replay.main[1..4_000_000]).await;
     reset(c);
     let mut rest = Vec::new();
     let r = tokio::time::timeout(Duration::from_secs(10), d.read_to_end(&mut rest)).await;
@@ -474,13 +472,15 @@ async fn fault_destination_stalls_reading_backpressure_not_memory() {
     const LEN: usize = 64 << 20;
     let dest = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut s = serve(dest.local_addr().unwrap(), &["--no-parse"]);
-    let c = TcpStream::connect(s.listen).await.unwrap();
+    let mut c = TcpStream::connect(s.listen).await.unwrap();
+    let data: Arc<Vec<u8>> = Arc::new((0..LEN).map(|i| (i * 7 + i / 4093) as u8).collect());
+    // The source speaks first; the destination reads everything, this byte included.
+    c.write_all(&data[..1]).await.unwrap();
     let (d, _) = dest.accept().await.unwrap();
     let (_cr, mut cw) = c.into_split();
-    let data: Arc<Vec<u8>> = Arc::new((0..LEN).map(|i| (i * 7 + i / 4093) as u8).collect());
     let d2 = data.clone();
     let writer = tokio::spawn(async move {
-        cw.write_all(&d2).await.unwrap();
+        cw.write_all(&d2[1..]).await.unwrap();
         cw.shutdown().await.unwrap();
     });
     // The destination reads nothing for a while: the source is held back by TCP, and
@@ -536,10 +536,12 @@ async fn bad_streams_are_forwarded_unchanged_and_recorded_without_panic() {
     let s = serve(dest.local_addr().unwrap(), &["--link", "unlimited"]);
     for (i, (name, bytes)) in cases.iter().enumerate() {
         let mut c = TcpStream::connect(s.listen).await.unwrap();
+        // The source speaks first; the destination reads everything, this byte included.
+        c.write_all(&bytes[..1]).await.unwrap();
         let (mut d, _) = dest.accept().await.unwrap();
         let b2 = bytes.clone();
         let w = tokio::spawn(async move {
-            c.write_all(&b2).await.unwrap();
+            c.write_all(&b2[1..]).await.unwrap();
             c.shutdown().await.unwrap();
             c
         });
@@ -624,7 +626,11 @@ async fn idle_connection_is_kept_alive_by_probes_and_still_forwards() {
             &["--no-parse", "--keepalive", keepalive],
         );
         let mut c = TcpStream::connect(s.listen).await.unwrap();
+        // The source speaks first (migshaper forwards a would-be main channel on its
+        // first byte).
+        c.write_all(b"x").await.unwrap();
         let (mut d, proxy_out) = dest.accept().await.unwrap();
+        d.read_exact(&mut [0u8; 1]).await.unwrap();
         exchange(&mut c, &mut d, 100_000, 1).await;
         // Idle for longer than several probe rounds: live peers answer the probes, so
         // nothing is cut, and both of migshaper's sockets keep a keepalive timer armed.
@@ -733,10 +739,9 @@ async fn vanished_destination_is_noticed_by_keepalive_and_the_source_closed() {
     let dest = ns.listen();
     let s = serve(dest.local_addr().unwrap(), &["--keepalive", "2s"]);
     assert!(s.listen.ip().is_loopback() && ns.here.is_private());
-    let mut c = TcpStream::connect(s.listen).await.unwrap();
-    let (mut d, _) = dest.accept().await.unwrap();
     let replay = migshaper::demo::Replay::bundled().unwrap();
-    forward_checked(&mut c, &mut d, &replay.main[..1_000_000]).await;
+    let (mut c, mut d) = open_via(s.listen, &dest, &replay.main[..1]).await;
+    forward_checked(&mut c, &mut d, &replay.main[1..1_000_000]).await;
     // The destination host vanishes without a FIN or reset: its link goes down and
     // nothing answers any more. The idle source would wait forever without keepalive.
     ip(&["-n", &ns.name, "link", "set", &ns.peer, "down"]);
@@ -763,12 +768,11 @@ async fn half_closes_either_way_leave_the_other_direction_flowing() {
 
     // 1. The source sends a whole migration and half-closes; the destination, after
     // reading to EOF, keeps sending to the source (as QEMU's return path may).
-    let mut c = TcpStream::connect(s.listen).await.unwrap();
-    let (mut d, _) = dest.accept().await.unwrap();
-    let mut got = Vec::new();
+    let (mut c, mut d) = open_via(s.listen, &dest, &replay.main[..1]).await;
+    let mut got = replay.main[..1].to_vec();
     let (w, r) = tokio::join!(
         async {
-            c.write_all(&replay.main).await?;
+            c.write_all(&replay.main[1..]).await?;
             c.shutdown().await
         },
         d.read_to_end(&mut got)
@@ -796,15 +800,14 @@ async fn half_closes_either_way_leave_the_other_direction_flowing() {
 
     // 2. The other way round: the destination half-closes first and the source keeps
     // sending a whole migration.
-    let mut c = TcpStream::connect(s.listen).await.unwrap();
-    let (mut d, _) = dest.accept().await.unwrap();
+    let (mut c, mut d) = open_via(s.listen, &dest, &replay.main[..1]).await;
     d.shutdown().await.unwrap();
     let mut eof = [0u8; 1];
     assert_eq!(c.read(&mut eof).await.unwrap(), 0, "the FIN was passed on");
-    let mut got = Vec::new();
+    let mut got = replay.main[..1].to_vec();
     let (w, r) = tokio::join!(
         async {
-            c.write_all(&replay.main).await?;
+            c.write_all(&replay.main[1..]).await?;
             c.shutdown().await
         },
         d.read_to_end(&mut got)

@@ -98,6 +98,38 @@ async fn upstream_connections_open_in_accept_order() {
 }
 
 #[tokio::test]
+async fn port_checks_never_reach_the_destination_and_the_migration_after_them_does() {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = start(config(vec![route(
+        upstream.local_addr().unwrap(),
+        "unlimited",
+    )]));
+    // Three `nc -z`-style checks: connect and close without a byte.
+    for _ in 0..3 {
+        drop(TcpStream::connect(server.addr()).await.unwrap());
+    }
+    // A client that connects and says nothing is closed after a while, unforwarded.
+    let mut silent = TcpStream::connect(server.addr()).await.unwrap();
+    let mut b = [0u8; 1];
+    assert!(matches!(within(silent.read(&mut b)).await, Ok(0) | Err(_)));
+    // Then a migration: the first connection the destination ever sees is the one that
+    // speaks, and it carries its bytes.
+    let (c, d) = open_via(server.addr(), &upstream, b"QEVM").await;
+    drop((c, d));
+    let text = server.metrics.render();
+    let empty = r#"migshaper_connections_total{route="test",channel="unknown",outcome="empty"} 4"#;
+    assert!(text.contains(empty), "{text}");
+    // Nothing else reached the destination.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), upstream.accept())
+            .await
+            .is_err(),
+        "a port check was forwarded"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn half_close_is_passed_on_and_the_other_direction_keeps_flowing() {
     let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = start(config(vec![route(
@@ -105,11 +137,11 @@ async fn half_close_is_passed_on_and_the_other_direction_keeps_flowing() {
         "unlimited",
     )]));
     let mut c = TcpStream::connect(server.addr()).await.unwrap();
-    let (mut d, _) = upstream.accept().await.unwrap();
 
     // Source sends a request and half-closes; the destination sees EOF after it...
     c.write_all(b"request").await.unwrap();
     c.shutdown().await.unwrap();
+    let (mut d, _) = upstream.accept().await.unwrap();
     let mut got = Vec::new();
     within(d.read_to_end(&mut got)).await.unwrap();
     assert_eq!(got, b"request");
@@ -122,9 +154,9 @@ async fn half_close_is_passed_on_and_the_other_direction_keeps_flowing() {
     assert_eq!(back.len(), reply.len());
     assert!(back == reply);
 
-    // The other way round: the destination half-closes first.
-    let mut c = TcpStream::connect(server.addr()).await.unwrap();
-    let (mut d, _) = upstream.accept().await.unwrap();
+    // The other way round: the destination half-closes first (after the source's first
+    // byte, which migshaper waits for before it connects upstream).
+    let (mut c, mut d) = open_via(server.addr(), &upstream, b"x").await;
     d.shutdown().await.unwrap();
     let mut none = Vec::new();
     within(c.read_to_end(&mut none)).await.unwrap();
@@ -151,18 +183,14 @@ async fn a_reset_on_one_side_resets_the_other() {
     )]));
 
     // Source resets: the destination's read fails (not a clean EOF).
-    let mut c = TcpStream::connect(server.addr()).await.unwrap();
-    let (mut d, _) = upstream.accept().await.unwrap();
-    c.write_all(b"x").await.unwrap();
+    let (c, mut d) = open_via(server.addr(), &upstream, b"x").await;
     let mut b = [0u8; 1];
-    d.read_exact(&mut b).await.unwrap();
     abort(c);
     let r = within(d.read(&mut b)).await;
     assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
 
     // Destination resets: the source's read fails.
-    let mut c = TcpStream::connect(server.addr()).await.unwrap();
-    let (d, _) = upstream.accept().await.unwrap();
+    let (mut c, d) = open_via(server.addr(), &upstream, b"x").await;
     abort(d);
     let r = within(c.read(&mut b)).await;
     assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
@@ -178,6 +206,8 @@ async fn upstream_refusal_closes_the_client() {
     let closed = reserved.local_addr().unwrap();
     let server = start(config(vec![route(closed, "unlimited")]));
     let mut c = TcpStream::connect(server.addr()).await.unwrap();
+    // The source speaks first: only then does migshaper connect upstream.
+    c.write_all(b"QEVM").await.unwrap();
     let mut b = [0u8; 1];
     match within(c.read(&mut b)).await {
         Ok(0) => {}
@@ -195,11 +225,12 @@ async fn a_shaped_link_is_never_faster_than_its_rate() {
         upstream.local_addr().unwrap(),
         "100mbit",
     )]));
-    let c = TcpStream::connect(server.addr()).await.unwrap();
-    let (d, _) = upstream.accept().await.unwrap();
+    let mut c = TcpStream::connect(server.addr()).await.unwrap();
     let t0 = Instant::now();
+    c.write_all(&[first_seeded_byte(7)]).await.unwrap();
+    let (d, _) = upstream.accept().await.unwrap();
     let (_cr, cw) = c.into_split();
-    let send = tokio::spawn(send_seeded(cw, 7, LEN));
+    let send = tokio::spawn(send_seeded_after(cw, 7, LEN, 1));
     assert_eq!(within(check_seeded(d, 7, LEN)).await.unwrap(), Ok(()));
     let took = t0.elapsed();
     send.await.unwrap().unwrap();
@@ -223,9 +254,10 @@ async fn the_link_is_shared_by_all_connections_of_a_route() {
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..4u64 {
-        let c = TcpStream::connect(addr).await.unwrap();
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(&[first_seeded_byte(i)]).await.unwrap();
         let (d, _) = upstream.accept().await.unwrap();
-        tasks.push(tokio::spawn(send_seeded(c, i, LEN)));
+        tasks.push(tokio::spawn(send_seeded_after(c, i, LEN, 1)));
         tasks.push(tokio::spawn(async move {
             assert_eq!(check_seeded(d, i, LEN).await.unwrap(), Ok(()));
             Ok(())
@@ -249,12 +281,13 @@ async fn the_return_path_does_not_queue_behind_the_migration_stream() {
         upstream.local_addr().unwrap(),
         "100mbit",
     )]));
-    let c = TcpStream::connect(server.addr()).await.unwrap();
+    let mut c = TcpStream::connect(server.addr()).await.unwrap();
+    c.write_all(&[first_seeded_byte(1)]).await.unwrap();
     let (d, _) = upstream.accept().await.unwrap();
     let (mut cr, cw) = c.into_split();
     let (dr, mut dw) = d.into_split();
     // Saturate source -> destination for a while.
-    let bulk = tokio::spawn(send_seeded(cw, 1, 6_000_000));
+    let bulk = tokio::spawn(send_seeded_after(cw, 1, 6_000_000, 1));
     let sink = tokio::spawn(check_seeded(dr, 1, 6_000_000));
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Small messages destination -> source cross at once, not after the bulk backlog.
@@ -284,9 +317,9 @@ async fn delay_line_adds_one_way_delay_per_direction() {
     r.delay = Duration::from_millis(50);
     let server = start(config(vec![r]));
     let mut c = TcpStream::connect(server.addr()).await.unwrap();
-    let (mut d, _) = upstream.accept().await.unwrap();
     let t = Instant::now();
     c.write_all(b"ping").await.unwrap();
+    let (mut d, _) = upstream.accept().await.unwrap();
     let mut b = [0u8; 4];
     within(d.read_exact(&mut b)).await.unwrap();
     d.write_all(b"pong").await.unwrap();
@@ -446,8 +479,8 @@ fn sigterm_stops_accepting_and_drains_open_connections() {
     let mut server = spawn_serve(upstream.local_addr().unwrap(), &[]);
     let addr = server.listen();
     let mut c = std::net::TcpStream::connect(addr).unwrap();
-    let (mut d, _) = upstream.accept().unwrap();
     c.write_all(b"before").unwrap();
+    let (mut d, _) = upstream.accept().unwrap();
     let mut b = [0u8; 6];
     d.read_exact(&mut b).unwrap();
     server.signal("TERM");
@@ -475,13 +508,15 @@ fn sigterm_stops_accepting_and_drains_open_connections() {
 
 #[test]
 fn the_drain_timeout_closes_what_is_left_and_exits_0() {
-    use std::io::Read;
+    use std::io::{Read, Write};
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut server = spawn_serve(
         upstream.local_addr().unwrap(),
         &["--drain-timeout", "300ms"],
     );
     let mut c = std::net::TcpStream::connect(server.listen()).unwrap();
+    // One byte, so that migshaper connects upstream; then the connection sits idle.
+    c.write_all(b"x").unwrap();
     let (_d, _) = upstream.accept().unwrap();
     server.signal("TERM");
     let (status, took) = server.wait_exit();
@@ -507,8 +542,8 @@ async fn ipv6_listen_and_upstream_by_host_name() {
     let server = start(config(vec![r]));
     assert!(server.addr().is_ipv6());
     let mut c = TcpStream::connect(server.addr()).await.unwrap();
-    let (mut d, _) = within(upstream.accept()).await.unwrap();
     c.write_all(b"v6").await.unwrap();
+    let (mut d, _) = within(upstream.accept()).await.unwrap();
     let mut b = [0u8; 2];
     within(d.read_exact(&mut b)).await.unwrap();
     assert_eq!(&b, b"v6");

@@ -28,6 +28,12 @@ use pump::{PumpError, pump};
 /// Accepted connections queued for the connector before the accept loop waits.
 const CONNECT_QUEUE: usize = 1024;
 
+/// How long a connection that would be a migration's main channel may stay silent before
+/// it is closed unforwarded. QEMU's source speaks first on the main channel, at once (the
+/// stream header, or a TLS ClientHello), so only a port check or a stray client waits this
+/// long; connections accepted after it wait too (their upstream connects keep accept order).
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A route that is bound and ready to run.
 #[derive(Debug)]
 pub struct Route {
@@ -142,6 +148,7 @@ impl Route {
             kill,
             tracker: tracker.clone(),
             budget: pump::BufferBudget::new(slots.clone(), max_connections),
+            running: Arc::new(()),
         };
         let connector_task = tracker.spawn(connector.run(rx, stop_accepting.clone()));
         let mut backoff = Duration::from_millis(10);
@@ -223,6 +230,29 @@ struct Connector {
     kill: CancellationToken,
     tracker: TaskTracker,
     budget: pump::BufferBudget,
+    /// One clone per forwarded connection still open: none besides this one means that
+    /// the next connection would start a migration.
+    running: Arc<()>,
+}
+
+/// What a connection that would open a migration did before its first byte.
+enum FirstByte {
+    /// It sent data: forward it.
+    Data,
+    /// It closed, or reset, without sending anything.
+    Closed,
+    /// It sent nothing within [`FIRST_BYTE_TIMEOUT`].
+    Silent,
+}
+
+/// Waits for a would-be main channel's first byte (without taking it off the socket).
+async fn first_byte(client: &TcpStream) -> FirstByte {
+    let mut b = [0u8; 1];
+    match tokio::time::timeout(FIRST_BYTE_TIMEOUT, client.peek(&mut b)).await {
+        Ok(Ok(n)) if n > 0 => FirstByte::Data,
+        Ok(_) => FirstByte::Closed,
+        Err(_) => FirstByte::Silent,
+    }
 }
 
 impl Connector {
@@ -235,6 +265,29 @@ impl Connector {
             }
             next_id += 1;
             let span = info_span!("conn", route = %self.route, id = next_id, %peer);
+            if Arc::strong_count(&self.running) == 1 {
+                // No connection of this route is open: this one would be a migration's main
+                // channel, which the destination takes as its migration. Forward it only
+                // once it speaks, so that a port check (`nc -z`, a health probe) never
+                // reaches the destination and kills the migration it is waiting for.
+                let silent = match first_byte(&client).await {
+                    FirstByte::Data => None,
+                    FirstByte::Closed => Some(false),
+                    FirstByte::Silent => Some(true),
+                };
+                if let Some(silent) = silent {
+                    self.accounting.metrics().empty();
+                    span.in_scope(|| {
+                        if silent {
+                            info!(timeout = ?FIRST_BYTE_TIMEOUT, "connection sent nothing; closed without connecting upstream (QEMU speaks first on a migration's main channel)")
+                        } else {
+                            debug!("connection closed before sending anything; not forwarded")
+                        }
+                    });
+                    drop(client);
+                    continue;
+                }
+            }
             if !self.options.no_parse {
                 // A fabric that refuses oversubscription decides before the destination
                 // sees anything: a refused migration never reaches it.
@@ -308,6 +361,7 @@ impl Connector {
                 metrics,
                 _slot: slot,
                 migration: attached,
+                _running: self.running.clone(),
                 fwd_tap: (fwd_tap, fwd_capture),
                 rev_tap: (rev_tap, rev_capture),
             };
@@ -442,6 +496,8 @@ struct Connection {
     zero_copy: bool,
     /// The migration this connection belongs to (parsed routes).
     migration: Option<Arc<crate::migration::Migration>>,
+    /// Counts it among the route's open connections (see `Connector::running`).
+    _running: Arc<()>,
     fwd_tap: (Tapped<ForwardTap>, Option<CaptureTap>),
     rev_tap: (Tapped<ReverseTap>, Option<CaptureTap>),
 }
@@ -490,6 +546,7 @@ impl Connection {
             rev_tap,
             metrics,
             _slot,
+            _running,
             migration,
             budget,
             zero_copy,

@@ -442,6 +442,57 @@ pub async fn send_seeded(
     w.shutdown().await
 }
 
+/// Opens a connection through migshaper at `via` and takes its upstream end from `dest`:
+/// the client first sends `first` (at least a byte: migshaper connects a would-be main
+/// channel upstream only once it has spoken, as QEMU's source always does), which the
+/// destination end has already read and checked when this returns.
+pub async fn open_via(
+    via: SocketAddr,
+    dest: &tokio::net::TcpListener,
+    first: &[u8],
+) -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    assert!(!first.is_empty(), "the source speaks first: give it a byte");
+    let mut c = tokio::net::TcpStream::connect(via).await.unwrap();
+    c.write_all(first).await.unwrap();
+    let (mut d, _) = dest.accept().await.unwrap();
+    let mut got = vec![0u8; first.len()];
+    d.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, first, "the first bytes arrived changed");
+    (c, d)
+}
+
+/// The first byte of the seeded stream `seed`: a test source writes it before the test
+/// accepts at the destination, since migshaper connects a would-be main channel upstream
+/// only once it has spoken (QEMU's source always speaks first). Continue with
+/// [`send_seeded_after`]`(w, seed, len, 1)`.
+pub fn first_seeded_byte(seed: u64) -> u8 {
+    let mut b = [0u8; 1];
+    Seeded::new(seed).fill(&mut b);
+    b[0]
+}
+
+/// [`send_seeded`] without the first `skip` bytes (already written).
+pub async fn send_seeded_after(
+    mut w: impl tokio::io::AsyncWrite + Unpin,
+    seed: u64,
+    len: u64,
+    skip: u64,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut g = Seeded::new(seed);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut at = 0u64;
+    while at < len {
+        let n = ((len - at) as usize).min(buf.len());
+        g.fill(&mut buf[..n]);
+        let from = skip.saturating_sub(at).min(n as u64) as usize;
+        w.write_all(&buf[from..n]).await?;
+        at += n as u64;
+    }
+    w.shutdown().await
+}
+
 /// Reads `r` to EOF and checks it is exactly `len` bytes of the seeded stream.
 /// Returns the offset of the first mismatch, if any.
 pub async fn check_seeded(
