@@ -28,18 +28,38 @@ pub struct MultifdPacket {
 /// Number of recent packets a [`MultifdLedger`] remembers.
 const LEDGER_SLOTS: usize = 256;
 
+/// How far apart in packet numbers a repeat may be (see [`MultifdLedger`]).
+const REPEAT_REACH: u64 = 4;
+
 /// Cross-channel view of multifd packets, to rebuild QEMU's `normal` counter exactly.
 ///
-/// QEMU 7.2 sometimes puts the last page of packet n again at the head of packet n+1
-/// (20 of 13658 pages in the multifd capture). Its `multifd-bytes` counts both copies, its
-/// `normal` counter only one. Packets of one migration are numbered across all channels, so
-/// this repetition is visible only to an observer of every channel: feed it every
-/// [`EventKind::MultifdPacket`] of a migration and subtract [`MultifdLedger::repeated_pages`]
-/// from the summed `normal_pages`. Fixed size: remembers the last 256 packet numbers.
+/// QEMU 7.2 sometimes sends the last page of a packet again as the first page of the packet
+/// it sends next (58 of 46,284 pages in one 2-channel capture on VM-C): its `multifd-bytes`
+/// counts both copies, its `normal` counter only one. Packet numbers run across all the
+/// channels of a migration, so only an observer of every channel sees this. "Next" is not
+/// always the next number: at a sync round 7.2 renumbers the packets still queued on each
+/// channel with the sync numbers, so the repeat may come up to [`REPEAT_REACH`] numbers
+/// later (packet 515, then 519 on the same channel, 516 and 517 never seen, 518 on the other
+/// channel with later pages). A packet counts as a repeat of the nearest packet at most that
+/// far before it whose last page (same RAM block) is its first, each packet's last page
+/// repeated at most once. Pages re-sent because the guest dirtied them again come a whole
+/// pass later, hundreds of packets away. Feed it every [`EventKind::MultifdPacket`] of a
+/// migration, in any order, and subtract [`MultifdLedger::repeated_pages`] from the summed
+/// `normal_pages`. Fixed size: remembers the last 256 packet numbers.
 #[derive(Debug, Clone)]
 pub struct MultifdLedger {
-    slots: [Option<MultifdPacket>; LEDGER_SLOTS],
+    slots: [Option<Seen>; LEDGER_SLOTS],
     repeated: u64,
+}
+
+/// A remembered packet and which of its ends already took part in a repeat.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    p: MultifdPacket,
+    /// Its first page was counted as a repeat of an earlier packet's last page.
+    head: bool,
+    /// Its last page was counted as repeated by a later packet.
+    tail: bool,
 }
 
 impl Default for MultifdLedger {
@@ -57,28 +77,49 @@ impl MultifdLedger {
         }
     }
 
-    fn slot(&self, num: u64) -> Option<&MultifdPacket> {
-        self.slots[(num % LEDGER_SLOTS as u64) as usize]
-            .as_ref()
-            .filter(|p| p.packet_num == num)
+    fn index(num: u64) -> usize {
+        (num % LEDGER_SLOTS as u64) as usize
+    }
+
+    fn seen(&mut self, num: u64) -> Option<&mut Seen> {
+        self.slots[Self::index(num)]
+            .as_mut()
+            .filter(|s| s.p.packet_num == num)
     }
 
     /// Records one packet, from any channel, in any order.
     pub fn record(&mut self, p: &MultifdPacket) {
-        if p.normal_pages == 0 {
+        if p.normal_pages == 0 || self.seen(p.packet_num).is_some() {
             return;
         }
-        if let Some(prev) = p.packet_num.checked_sub(1).and_then(|n| self.slot(n)) {
-            if prev.block == p.block && prev.last_offset == p.first_offset {
+        let mut me = Seen {
+            p: *p,
+            head: false,
+            tail: false,
+        };
+        for d in 1..=REPEAT_REACH {
+            let Some(a) = p.packet_num.checked_sub(d).and_then(|n| self.seen(n)) else {
+                continue;
+            };
+            if !a.tail && a.p.block == p.block && a.p.last_offset == p.first_offset {
+                a.tail = true;
+                me.head = true;
                 self.repeated += 1;
+                break;
             }
         }
-        if let Some(next) = p.packet_num.checked_add(1).and_then(|n| self.slot(n)) {
-            if next.block == p.block && p.last_offset == next.first_offset {
+        for d in 1..=REPEAT_REACH {
+            let Some(b) = p.packet_num.checked_add(d).and_then(|n| self.seen(n)) else {
+                continue;
+            };
+            if !b.head && b.p.block == p.block && p.last_offset == b.p.first_offset {
+                b.head = true;
+                me.tail = true;
                 self.repeated += 1;
+                break;
             }
         }
-        self.slots[(p.packet_num % LEDGER_SLOTS as u64) as usize] = Some(*p);
+        self.slots[Self::index(p.packet_num)] = Some(me);
     }
 
     /// Pages sent at the head of a packet right after being the tail of the previous one.
