@@ -212,6 +212,76 @@ async fn multifd_channels_join_the_main_channels_migration() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multifd_pages_ahead_of_the_main_channels_first_ram_section_are_precopy() {
+    // As libvirt's multifd runs showed: the multifd channels send pages while the main
+    // channel is still in its setup sections. QEMU counts those pages as pre-copy.
+    let (s2d, d2s, result) = streams("multifd2-idle-256m");
+    // The main channel's setup part: up to its first RAM section (streamparse.txt).
+    const MAIN_SETUP: usize = 196;
+    let records = temp("multifd-early");
+    let _ = std::fs::remove_file(&records);
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut cfg = config(vec![route(upstream.local_addr().unwrap(), "unlimited")]);
+    cfg.records = Some(records.clone());
+    let server = start(cfg);
+    let mut main = TcpStream::connect(server.addr()).await.unwrap();
+    main.write_all(&s2d[0][..MAIN_SETUP]).await.unwrap();
+    let (mut main_d, _) = upstream.accept().await.unwrap();
+    let mut got = vec![0u8; MAIN_SETUP];
+    main_d.read_exact(&mut got).await.unwrap();
+    // Both multifd channels send everything while the main channel waits in setup.
+    for data in &s2d[1..] {
+        let mut c = TcpStream::connect(server.addr()).await.unwrap();
+        let (mut d, _) = upstream.accept().await.unwrap();
+        let (w, r) = tokio::join!(
+            async {
+                c.write_all(data).await.unwrap();
+                c.shutdown().await.unwrap();
+            },
+            async {
+                let mut all = Vec::new();
+                d.read_to_end(&mut all).await.unwrap();
+                all
+            }
+        );
+        let _: () = w;
+        assert_eq!(r.len(), data.len());
+    }
+    let live = server.routes[0]
+        .accounting
+        .active()
+        .expect("a migration in progress");
+    assert_eq!(live.phase, "precopy", "multifd pages started pre-copy");
+    // Then the main channel's rest, and the return path.
+    let rest = s2d[0][MAIN_SETUP..].to_vec();
+    let (mut mr, mut mw) = main.into_split();
+    let send = tokio::spawn(async move {
+        mw.write_all(&rest).await.unwrap();
+        mw.shutdown().await.unwrap();
+    });
+    let split = d2s.len().saturating_sub(8);
+    main_d.write_all(&d2s[..split]).await.unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    while main_d.read(&mut buf).await.unwrap() != 0 {}
+    main_d.write_all(&d2s[split..]).await.unwrap();
+    main_d.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    mr.read_to_end(&mut back).await.unwrap();
+    send.await.unwrap();
+    server.shutdown().await;
+    let record = read_records(&records).pop().unwrap();
+    check_counters(&record, &result);
+    assert_eq!(record["outcome"], "completed", "{record}");
+    // Setup holds the main channel's setup sections and the first multifd channel's initial
+    // and (empty) SYNC packets: no page. The second channel connected once pre-copy had
+    // begun, so all of its bytes are pre-copy's.
+    let setup = record["bytes"]["to_destination"]["setup"].as_u64().unwrap();
+    let first_channel = 64 + 320 + 8 * 128;
+    assert_eq!(setup, (MAIN_SETUP + first_channel) as u64, "{record}");
+    assert!(record["duration_s_by_phase"]["precopy"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_mid_stream_is_recorded_as_failed() {
     let records = temp("reset");
     let _ = std::fs::remove_file(&records);

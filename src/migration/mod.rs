@@ -132,6 +132,11 @@ impl Migration {
     fn enter_phase(&self, st: &mut State, to: Phase, at: Instant) {
         let to = to.migration_phase();
         let from = st.timeline.last().map_or(Phase::Setup, |t| t.0);
+        if st.timeline.last().is_some_and(|t| t.0 == to) {
+            // Already there (pre-copy started on a multifd channel, then the main channel's
+            // first RAM section says so too).
+            return;
+        }
         for d in Direction::ALL {
             let now = self.route.link.fidelity(d);
             let part = now.since(&st.fidelity_mark[d.index()]);

@@ -70,6 +70,14 @@ impl ForwardTap {
         while let Some(ev) = parser.poll_event() {
             match ev.kind {
                 EventKind::PhaseChanged { to, .. } if *main => mig.enter_phase(&mut st, to, ev.at),
+                // A multifd channel's first pages start pre-copy if the main channel's first
+                // RAM section has not yet (QEMU counts them as pre-copy).
+                EventKind::PhaseChanged {
+                    from: Phase::Setup,
+                    to: Phase::Precopy,
+                } if !*main && mig.phase() == Phase::Setup => {
+                    mig.enter_phase(&mut st, Phase::Precopy, ev.at)
+                }
                 EventKind::PassStarted { pass } if *main => {
                     metrics.passes(u64::from(pass.saturating_sub(st.passes)));
                     st.passes = st.passes.max(pass);

@@ -3,7 +3,10 @@
 //! skipped by count.
 //!
 //! Multifd packets carry no phase markers: their bytes go to the phase the owner sets with
-//! `StreamParser::follow_phase`.
+//! `StreamParser::follow_phase`. One exception: a packet with pages during setup starts
+//! pre-copy (its `PhaseChanged` event tells the owner). QEMU's multifd channels may send the
+//! first pages before the main channel's first RAM section, and QEMU counts them as
+//! pre-copy.
 
 use super::bytes::{be32, be64, name_hash};
 use super::stepper::{Step, Stepper, Want};
@@ -219,7 +222,15 @@ impl MultifdParser {
                 Step::Body(after) => self.after_skip(core, after),
             }
         }
-        core.attribute(self.pos);
+        // During setup, a packet header still being gathered may turn out to carry pages
+        // and start pre-copy at its first byte: its bytes wait until that is known.
+        let deciding = core.phase == super::Phase::Setup
+            && matches!(self.io.want(), Want::Header(_, Hdr::Common | Hdr::Ram));
+        core.attribute(if deciding {
+            self.packet_start.min(self.pos)
+        } else {
+            self.pos
+        });
     }
 
     /// Opaque for good: the rest of the stream is only counted.
@@ -334,6 +345,10 @@ impl MultifdParser {
         if used > count || payload > 2 * max_payload + 4096 {
             self.go_opaque(core, DesyncReason::BadMultifdPacket);
             return;
+        }
+        if normal > 0 && core.phase == super::Phase::Setup {
+            // Pages are pre-copy, even ahead of the main channel's first RAM section.
+            core.set_phase(super::Phase::Precopy, self.packet_start);
         }
         core.stats.ram.normal_pages += u64::from(normal);
         core.stats.ram.zero_pages += u64::from(zero);
