@@ -534,29 +534,40 @@ async fn set_fabric(
     Ok(axum::Json(fabric_view(&f.view(), &s.routes)))
 }
 
+/// A `PUT` body's fields: a JSON object whose values are all strings (rates, durations,
+/// names). Every error names the field and shows `example`.
+fn string_fields(body: &[u8], example: &str) -> Result<Vec<(String, String)>, String> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| format!("body is not valid JSON ({e}); send e.g. {example}"))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(format!("body must be a JSON object, e.g. {example}"));
+    };
+    map.into_iter()
+        .map(|(key, v)| match v {
+            serde_json::Value::String(text) => Ok((key, text)),
+            v => Err(format!(
+                "field {key:?}: expected a string as in {example}, got {v}"
+            )),
+        })
+        .collect()
+}
+
+/// `field "KEY": ERROR`, for a value that does not parse.
+fn field_error(key: &str) -> impl Fn(&dyn std::fmt::Display) -> String + '_ {
+    move |e| format!("field {key:?}: {e}")
+}
+
 /// Parses a `PUT /fabric` body onto `old`; every error names the field.
 pub fn parse_fabric_update(body: &[u8], old: FabricConfig) -> Result<FabricConfig, String> {
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-        format!(
-            r#"body is not valid JSON ({e}); send e.g. {{"rate":"10g","oversubscribe":"refuse"}}"#
-        )
-    })?;
-    let serde_json::Value::Object(map) = value else {
-        return Err(r#"body must be a JSON object, e.g. {"rate":"10g"}"#.into());
-    };
-    if map.is_empty() {
+    let fields = string_fields(body, r#"{"rate":"10g","oversubscribe":"refuse"}"#)?;
+    if fields.is_empty() {
         return Err(
             "nothing to change: give at least one of rate, burst, framing, oversubscribe".into(),
         );
     }
     let mut c = old;
-    for (key, v) in &map {
-        let Some(text) = v.as_str() else {
-            return Err(format!(
-                "field {key:?}: expected a string (e.g. \"10g\", \"share\"), got {v}"
-            ));
-        };
-        let field = |e: &dyn std::fmt::Display| format!("field {key:?}: {e}");
+    for (key, text) in &fields {
+        let field = field_error(key);
         match key.as_str() {
             "rate" => c.shape.rate = text.parse::<LinkRate>().map_err(|e| field(&e))?,
             "burst" => c.shape.burst = text.parse::<Burst>().map_err(|e| field(&e))?,
@@ -578,20 +589,9 @@ pub fn parse_fabric_update(body: &[u8], old: FabricConfig) -> Result<FabricConfi
 
 /// Parses a `PUT /routes/{name}/link` body; every error names the field.
 pub fn parse_link_update(body: &[u8]) -> Result<LinkUpdate, String> {
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-        format!(r#"body is not valid JSON ({e}); send e.g. {{"link":"10g","burst":"4ms"}}"#)
-    })?;
-    let serde_json::Value::Object(map) = value else {
-        return Err(r#"body must be a JSON object, e.g. {"link":"10g"}"#.into());
-    };
     let mut u = LinkUpdate::default();
-    for (key, v) in &map {
-        let Some(text) = v.as_str() else {
-            return Err(format!(
-                "field {key:?}: expected a string (e.g. \"10g\", \"4ms\"), got {v}"
-            ));
-        };
-        let field = |e: &dyn std::fmt::Display| format!("field {key:?}: {e}");
+    for (key, text) in &string_fields(body, r#"{"link":"10g","burst":"4ms"}"#)? {
+        let field = field_error(key);
         match key.as_str() {
             "link" => u.rate = Some(text.parse::<LinkRate>().map_err(|e| field(&e))?),
             "burst" => u.burst = Some(text.parse::<Burst>().map_err(|e| field(&e))?),

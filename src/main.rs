@@ -49,23 +49,8 @@ fn probe(args: &migshaper::cli::ProbeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let text = if args.json {
-        match serde_json::to_string(&report) {
-            Ok(j) => j + "\n",
-            Err(e) => {
-                eprintln!("migshaper: cannot encode the report as JSON: {e}");
-                return ExitCode::from(1);
-            }
-        }
-    } else {
-        report.to_string()
-    };
-    let mut out = std::io::stdout().lock();
-    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
-            eprintln!("migshaper: cannot write the report: {e}");
-            return ExitCode::from(1);
-        }
+    if let Err(code) = print_report(&report, args.json) {
+        return code;
     }
     if report.all_faithful() {
         ExitCode::SUCCESS
@@ -155,26 +140,35 @@ fn inspect(args: migshaper::cli::InspectArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let text = if args.json {
-        match serde_json::to_string(&report) {
-            Ok(j) => j + "\n",
-            Err(e) => {
+    match print_report(&report, args.json) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(code) => code,
+    }
+}
+
+/// Prints a report as text, or as one JSON line with `json`. A closed pipe (`| head`) is
+/// the reader's choice, not a failure; anything else is exit 1.
+fn print_report(
+    report: &(impl serde::Serialize + std::fmt::Display),
+    json: bool,
+) -> Result<(), ExitCode> {
+    let text = if json {
+        serde_json::to_string(report)
+            .map(|j| j + "\n")
+            .map_err(|e| {
                 eprintln!("migshaper: cannot encode the report as JSON: {e}");
-                return ExitCode::from(1);
-            }
-        }
+                ExitCode::from(1)
+            })?
     } else {
         report.to_string()
     };
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Ok(()) => ExitCode::SUCCESS,
-        // A closed pipe (`| head`) is the reader's choice, not a failure.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
             eprintln!("migshaper: cannot write the report: {e}");
-            ExitCode::from(1)
+            Err(ExitCode::from(1))
         }
+        _ => Ok(()),
     }
 }
 

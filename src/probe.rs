@@ -889,16 +889,8 @@ impl Prober {
                 Ok::<_, io::Error>((a, b, start))
             })();
             stop.store(true, Ordering::Relaxed);
-            let sent: Vec<io::Result<()>> = senders
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(io::Error::other("panicked")))
-                })
-                .collect();
-            let pings = pings
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("panicked")));
+            let sent: Vec<io::Result<()>> = senders.into_iter().map(joined).collect();
+            let pings = joined(pings);
             (marks, sent, pings)
         });
         conns.into_iter().for_each(reset);
@@ -937,13 +929,7 @@ impl Prober {
             thread::sleep(self.secs);
             let (t1, b1) = (Instant::now(), total.load(Ordering::Relaxed));
             stop.store(true, Ordering::Relaxed);
-            let read: Vec<io::Result<()>> = readers
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(io::Error::other("panicked")))
-                })
-                .collect();
+            let read: Vec<io::Result<()>> = readers.into_iter().map(joined).collect();
             ((t1 - t0, b1 - b0), read)
         });
         conns.into_iter().for_each(reset);
@@ -952,6 +938,12 @@ impl Prober {
         }
         Ok(window.1 as f64 * 8.0 / window.0.as_secs_f64().max(1e-9))
     }
+}
+
+/// A measuring thread's result; a panic in it is an I/O failure of its connection.
+fn joined<T>(h: thread::ScopedJoinHandle<'_, io::Result<T>>) -> io::Result<T> {
+    h.join()
+        .unwrap_or_else(|_| Err(io::Error::other("panicked")))
 }
 
 /// Writes bulk bytes to `s` until `stop` is set.

@@ -71,30 +71,8 @@ async fn metrics(base: SocketAddr) -> String {
 
 /// The value of one series in a Prometheus text exposition (labels in any order).
 fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let (lbl, value) = match rest.strip_prefix('{') {
-            Some(r) => match r.split_once("} ") {
-                Some(x) => x,
-                None => continue,
-            },
-            None => match rest.strip_prefix(' ') {
-                Some(v) => ("", v),
-                None => continue,
-            },
-        };
-        let have: Vec<&str> = lbl.split(',').filter(|s| !s.is_empty()).collect();
-        if have.len() == labels.len()
-            && labels
-                .iter()
-                .all(|(k, v)| have.contains(&format!("{k}=\"{v}\"").as_str()))
-        {
-            return value.trim().parse().unwrap();
-        }
-    }
-    panic!("no series {name}{labels:?} in\n{text}");
+    common::series(text, name, labels)
+        .unwrap_or_else(|| panic!("no series {name}{labels:?} in\n{text}"))
 }
 
 fn phase_bytes(text: &str, route: &str, dir: &str, phase: &str) -> u64 {

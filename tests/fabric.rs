@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Seeded, Spawned, TempDir, migshaper};
+use common::{Seeded, Spawned, TempDir, migshaper, series};
 use serde_json::Value;
 
 /// A destination that accepts one connection, reads everything and notes, per read, when
@@ -138,18 +138,6 @@ fn put(control: SocketAddr, path: &str, body: &str) -> (u16, Value) {
         .unwrap();
     let status = resp.status().as_u16();
     (status, resp.body_mut().read_json().unwrap())
-}
-
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 fn metrics(control: SocketAddr) -> String {
@@ -284,7 +272,7 @@ fn a_fabric_above_the_sum_of_the_links_takes_nothing() {
     }
     let text = metrics(m.control);
     assert_eq!(
-        metric(
+        series(
             &text,
             "migshaper_fabric_rate_bytes_per_second",
             &[("direction", "to_destination")]
@@ -292,10 +280,14 @@ fn a_fabric_above_the_sum_of_the_links_takes_nothing() {
         Some(50e6)
     );
     assert!(
-        metric(
+        series(
             &text,
             "migshaper_link_shortfall_bytes_total",
-            &[("route", "r250"), ("cause", "fabric")]
+            &[
+                ("route", "r250"),
+                ("direction", "to_destination"),
+                ("cause", "fabric")
+            ]
         )
         .is_some()
     );
@@ -388,7 +380,7 @@ fn refuse_turns_away_a_migration_the_fabric_cannot_carry_and_leaves_the_first_al
     );
     let text = metrics(m.control);
     assert_eq!(
-        metric(
+        series(
             &text,
             "migshaper_connections_total",
             &[
@@ -400,7 +392,7 @@ fn refuse_turns_away_a_migration_the_fabric_cannot_carry_and_leaves_the_first_al
         Some(1.0)
     );
     assert_eq!(
-        metric(
+        series(
             &text,
             "migshaper_migrations_total",
             &[("route", "r100"), ("outcome", "refused")]

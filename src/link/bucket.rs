@@ -314,8 +314,7 @@ impl Wire {
         now: Instant,
         squeeze: Option<Squeeze>,
     ) -> (Instant, Duration) {
-        let tau = squeeze.map_or(cost.tau, |s| cost.tau.min(s.burst));
-        let earliest = now.checked_sub(tau).unwrap_or(now);
+        let earliest = now.checked_sub(credit(cost, squeeze)).unwrap_or(now);
         if earliest > self.end {
             *self = Wire::idle_at(earliest);
         }
@@ -332,6 +331,11 @@ impl Wire {
         self.end += extra;
         extra
     }
+}
+
+/// The burst credit in force: the link's, or the fabric's if less while it is shared.
+fn credit(cost: &Cost, squeeze: Option<Squeeze>) -> Duration {
+    squeeze.map_or(cost.tau, |s| cost.tau.min(s.burst))
 }
 
 impl TokenBucket {
@@ -359,18 +363,9 @@ impl TokenBucket {
         self.seat = Some(seat);
     }
 
-    fn squeeze(&self) -> Option<Squeeze> {
-        self.seat.as_ref().and_then(Seat::squeeze)
-    }
-
     /// How far beyond its fabric this bucket's direction is now, if it is on one.
-    pub fn fabric_squeeze(&self) -> Option<Squeeze> {
-        self.squeeze()
-    }
-
-    /// The burst credit in force: the link's, or the fabric's if less while it is shared.
-    fn tau(&self, cost: &Cost) -> Duration {
-        self.squeeze().map_or(cost.tau, |s| cost.tau.min(s.burst))
+    pub(super) fn squeeze(&self) -> Option<Squeeze> {
+        self.seat.as_ref().and_then(Seat::squeeze)
     }
 
     fn cost_of(shape: &Shape) -> Option<Cost> {
@@ -534,7 +529,9 @@ impl TokenBucket {
     /// when some did and the wire's credit sat full (it could have sent and nobody
     /// released), lost, to the destination if a write was pending, else to lateness.
     fn advance(&mut self, now: Instant) {
-        let tau = self.cost.map_or(Duration::ZERO, |c| self.tau(&c));
+        let tau = self
+            .cost
+            .map_or(Duration::ZERO, |c| credit(&c, self.squeeze()));
         let l = &mut self.ledger;
         if now <= l.at {
             return;

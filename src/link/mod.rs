@@ -146,7 +146,7 @@ impl Link {
     pub fn chunk_limit(&self, dir: Direction, max: usize) -> usize {
         let (shape, fraction, squeeze) = {
             let b = self.bucket(dir);
-            (b.shape(), b.chunk_fraction(), b.fabric_squeeze())
+            (b.shape(), b.chunk_fraction(), b.squeeze())
         };
         let (Some(mut burst), Some(bits)) = (
             shape.burst_payload_bytes(),

@@ -336,6 +336,24 @@ impl Drop for Spawned {
     }
 }
 
+/// The value of the series `name` with exactly `labels` (in any order) in a Prometheus text
+/// exposition, if there is one.
+pub fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let (lbl, value) = match rest.strip_prefix('{') {
+            Some(r) => r.split_once("} ")?,
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        let have: Vec<&str> = lbl.split(',').filter(|s| !s.is_empty()).collect();
+        let all = have.len() == labels.len()
+            && labels
+                .iter()
+                .all(|(k, v)| have.contains(&format!("{k}=\"{v}\"").as_str()));
+        all.then(|| value.trim().parse().ok()).flatten()
+    })
+}
+
 /// The sum of a JSON object's values (a record's bytes per phase).
 pub fn sum(v: &serde_json::Value) -> u64 {
     v.as_object()
