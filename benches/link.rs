@@ -76,16 +76,19 @@ const TC_PAYLOAD_RATE: f64 = 1e9 * 1448.0 / 1514.0;
 const TC_LOCAL: &str = "10.77.1.1";
 const TC_REMOTE: &str = "10.77.1.2";
 
-/// Routes of the migshaper under test: name, link, parse, zero copy.
-const ROUTES: [(&str, &str, bool, bool); 7] = [
-    ("unlimited", "unlimited", true, true),
-    ("g1", "1g", true, true),
-    ("g10", "10g", true, true),
-    ("unlimited-noparse", "unlimited", false, true),
-    ("g10-noparse", "10g", false, true),
+/// Routes of the migshaper under test: name, link, parse, zero copy, kernel pacing.
+const ROUTES: [(&str, &str, bool, bool, bool); 9] = [
+    ("unlimited", "unlimited", true, true, false),
+    ("g1", "1g", true, true, false),
+    ("g10", "10g", true, true, false),
+    ("unlimited-noparse", "unlimited", false, true, false),
+    ("g10-noparse", "10g", false, true, false),
     // The same links with the copy path only, for the zero-copy comparison.
-    ("g1-copy", "1g", true, false),
-    ("g10-copy", "10g", true, false),
+    ("g1-copy", "1g", true, false, false),
+    ("g10-copy", "10g", true, false, false),
+    // The same links paced by the kernel (`kernel_pacing = true`), for that comparison.
+    ("g1-kernel", "1g", true, true, true),
+    ("g10-kernel", "10g", true, true, true),
 ];
 
 #[derive(Clone)]
@@ -148,6 +151,8 @@ fn main() {
         target("migshaper 10g", Some(10e9), 3, false),
         target("migshaper 1g, copy path", Some(1e9), 6, false),
         target("migshaper 10g, copy path", Some(10e9), 7, false),
+        target("migshaper 1g, kernel pacing", Some(1e9), 8, false),
+        target("migshaper 10g, kernel pacing", Some(10e9), 9, false),
         target("QEMU stream: unlimited, parsing on", None, 1, true),
         target("QEMU stream: unlimited, parsing off", None, 4, true),
         target("QEMU stream: 1g, parsing on", Some(1e9), 2, true),
@@ -496,9 +501,9 @@ fn start_migshaper(args: &Args, sinks: &[Arc<TcpListener>]) -> (Spawned, Vec<Soc
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("bench.toml");
     let mut text = String::new();
-    for ((name, link, parse, zero_copy), sink) in ROUTES.iter().zip(sinks) {
+    for ((name, link, parse, zero_copy, pacing), sink) in ROUTES.iter().zip(sinks) {
         text += &format!(
-            "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\nlink = \"{link}\"\nframing = \"none\"\nburst = \"{}\"\nparse = {parse}\nzero_copy = {zero_copy}\n\n",
+            "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\nlink = \"{link}\"\nframing = \"none\"\nburst = \"{}\"\nparse = {parse}\nzero_copy = {zero_copy}\nkernel_pacing = {pacing}\n\n",
             sink.local_addr().unwrap(),
             args.burst
         );

@@ -266,6 +266,9 @@ fn bind_route(
         source,
     })?;
     let link = Link::new(r.shape, r.delay);
+    if r.kernel_pacing {
+        link.pace_in_kernel();
+    }
     if let Some(f) = fabric {
         link.on_fabric(f);
     }

@@ -237,6 +237,11 @@ pub struct ServeArgs {
     /// a kernel whose splice misbehaves).
     #[arg(long, conflicts_with = "config")]
     pub no_zero_copy: bool,
+    /// Let the kernel pace the forwarded sockets at the link's rate (SO_MAX_PACING_RATE)
+    /// and the link run up to 4 ms ahead of it, so that late wake-ups cost less; smoother
+    /// for one stream on a quiet host, burstier on a busy one (see docs/design.md).
+    #[arg(long, conflicts_with = "config")]
+    pub kernel_pacing: bool,
     /// Write every connection's bytes to DIR/c<N>.s2d.bin and DIR/c<N>.d2s.bin (N in
     /// accept order; DIR/<route>/ with several routes), e.g. to record captures for
     /// `migshaper inspect`.
@@ -324,6 +329,7 @@ impl ServeArgs {
             delay: self.delay.unwrap_or_default().0,
             parse: !self.no_parse,
             zero_copy: !self.no_zero_copy,
+            kernel_pacing: self.kernel_pacing,
             max_connections: self.max_connections,
         };
         let mut c = Config {

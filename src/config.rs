@@ -124,6 +124,10 @@ pub struct RouteConfig {
     /// Forward with splice(2) while nothing looks at the bytes (`zero_copy = false`:
     /// always copy through user space; for comparisons, or a kernel whose splice misbehaves).
     pub zero_copy: bool,
+    /// Let the kernel pace the forwarded sockets at the link's rate (`SO_MAX_PACING_RATE`)
+    /// and the bucket run up to `link::PACED_LEAD` ahead of it (`kernel_pacing = true`;
+    /// off by default: see docs/design.md for what it measured).
+    pub kernel_pacing: bool,
     /// Connections open at once (accepted and not yet closed); more are refused.
     pub max_connections: usize,
 }
@@ -193,6 +197,7 @@ struct FileRoute {
     delay: Option<Delay>,
     parse: Option<bool>,
     zero_copy: Option<bool>,
+    kernel_pacing: Option<bool>,
     max_connections: Option<usize>,
 }
 
@@ -248,6 +253,7 @@ impl Config {
                 delay: r.delay.unwrap_or_default().0,
                 parse: r.parse.unwrap_or(true),
                 zero_copy: r.zero_copy.unwrap_or(true),
+                kernel_pacing: r.kernel_pacing.unwrap_or(false),
                 max_connections: r.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             })
             .collect();

@@ -138,6 +138,7 @@ pub async fn replay_through(replay: &Replay, rate: &str) -> Result<Record, DemoE
             delay: Duration::ZERO,
             parse: true,
             zero_copy: true,
+            kernel_pacing: false,
             max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
         }],
         connect_timeout: crate::config::DEFAULT_CONNECT_TIMEOUT,

@@ -139,3 +139,64 @@ async fn with_zero_copy_off_every_byte_is_copied() {
     assert_eq!(tap.unseen, 0);
     assert!(tap.seen == data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_pacing_sets_the_receiving_socket_and_keeps_the_bytes() {
+    use migshaper::proxy::pace;
+    let (mut sender, src) = pair().await;
+    let (dst, mut receiver) = pair().await;
+    let dst = Arc::new(dst);
+    assert_eq!(
+        pace::get(&dst).unwrap(),
+        None,
+        "a fresh socket is not paced"
+    );
+    let data: Vec<u8> = (0..4_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let link = Link::new(
+        Shape {
+            rate: "1g".parse().unwrap(),
+            burst: "1ms".parse().unwrap(),
+            framing: "none".parse().unwrap(),
+        },
+        Duration::ZERO,
+    );
+    link.pace_in_kernel();
+    let share = RouteShare {
+        wait: metrics::Gauge::noop(),
+        budget: BufferBudget::new(Arc::new(tokio::sync::Semaphore::new(1)), 1),
+        zero_copy: true,
+    };
+    let tap = Recorder {
+        look_for: 0,
+        seen: Vec::new(),
+        unseen: 0,
+    };
+    let pumped = tokio::spawn(pump(
+        Arc::new(src),
+        dst.clone(),
+        link.clone(),
+        Direction::ToDestination,
+        CancellationToken::new(),
+        share,
+        tap,
+    ));
+    let send = data.clone();
+    let writer = tokio::spawn(async move {
+        sender.write_all(&send).await.unwrap();
+        sender.shutdown().await.unwrap();
+        sender
+    });
+    let mut got = Vec::new();
+    receiver.read_to_end(&mut got).await.unwrap();
+    let _sender = writer.await.unwrap();
+    let (r, _) = pumped.await.unwrap();
+    assert_eq!(r.unwrap(), data.len() as u64);
+    assert!(got == data, "bytes changed or reordered");
+    // 125 MB/s of payload plus the 0.2 % margin; unsent bytes capped at 4 ms of that.
+    assert_eq!(pace::get(&dst).unwrap(), Some(125_250_000));
+    assert_eq!(
+        socket2::SockRef::from(&*dst).tcp_notsent_lowat().unwrap(),
+        501_000
+    );
+    assert!(link.paced());
+}

@@ -72,10 +72,13 @@ struct Inner {
     delay_ns: AtomicU64,
     /// Bumped by every [`Link::set`], so connections notice a change cheaply.
     generation: AtomicU64,
+    /// Flow ids handed out so far.
+    flows: AtomicU64,
 }
 
 impl Link {
-    /// A link with this shape and one-way delay, both buckets starting empty.
+    /// A link with this shape and one-way delay, both buckets starting empty, shaped in
+    /// user space alone (see [`Link::pace_in_kernel`]).
     pub fn new(shape: Shape, delay: Duration) -> Self {
         let now = Instant::now();
         Link {
@@ -86,6 +89,7 @@ impl Link {
                 ],
                 delay_ns: AtomicU64::new(duration_ns(delay)),
                 generation: AtomicU64::new(0),
+                flows: AtomicU64::new(0),
             }),
         }
     }
@@ -130,23 +134,47 @@ impl Link {
         self.inner.generation.fetch_add(1, Ordering::Release);
     }
 
+    /// Lets the kernel pace this link's connections: each flow's receiving socket is paced
+    /// at [`Flow::pace_update`]'s rate and releases may run up to [`PACED_LEAD`] beyond
+    /// the burst ahead of the wire (see [`TokenBucket::set_lead`]).
+    pub fn pace_in_kernel(&self) {
+        for dir in Direction::ALL {
+            self.bucket(dir).set_lead(PACED_LEAD);
+        }
+    }
+
+    /// Stops counting on kernel pacing (the kernel refused it): releases may not run ahead
+    /// of the wire beyond the burst, and flows lift the pacing of their sockets.
+    pub fn unpace(&self) {
+        for dir in Direction::ALL {
+            self.bucket(dir).set_lead(Duration::ZERO);
+        }
+    }
+
+    /// Whether the kernel paces this link's connections (see [`Link::unpace`]).
+    pub fn paced(&self) -> bool {
+        !self.bucket(Direction::ToDestination).lead().is_zero()
+    }
+
     /// Changes with every [`Link::set`].
     pub fn generation(&self) -> u64 {
         self.inner.generation.load(Ordering::Acquire)
     }
 
     /// The largest chunk a reader of direction `dir` should take at once: at most `max`,
-    /// a share of the burst that follows the host's lateness (half of it while wake-ups
-    /// are on time, down to a tenth: [`TokenBucket::chunk_fraction`]), and 1 ms of line
-    /// rate (so a 100 ms window of a shaped link is never off by more than 1 % from
-    /// chunking alone; on links slower than 12 Mb/s, 1500 bytes unless that is more than
-    /// half the burst). A chunk plus its holder's lateness must fit in the burst: a
-    /// release is checked against the wire's real output ([`TokenBucket::release`]), and
-    /// credit beyond the burst is lost.
+    /// a share of the credit (the burst, plus the lead while the kernel paces) that follows
+    /// the host's lateness (half of it while wake-ups are on time, down to a tenth:
+    /// [`TokenBucket::chunk_fraction`]), and, without kernel pacing, 1 ms of line rate (so
+    /// a 100 ms window of a shaped link is never off by more than 1 % from chunking alone;
+    /// on links slower than 12 Mb/s, 1500 bytes unless that is more than half the burst).
+    /// A chunk plus its holder's lateness must fit in the credit: a release is checked
+    /// against the wire's real output ([`TokenBucket::release`]), and credit beyond it is
+    /// lost. With kernel pacing the kernel spreads each chunk at the rate, so larger chunks
+    /// cost fewer wake-ups and no smoothness.
     pub fn chunk_limit(&self, dir: Direction, max: usize) -> usize {
-        let (shape, fraction, squeeze) = {
+        let (shape, fraction, squeeze, lead) = {
             let b = self.bucket(dir);
-            (b.shape(), b.chunk_fraction(), b.squeeze())
+            (b.shape(), b.chunk_fraction(), b.squeeze(), b.lead())
         };
         let (Some(mut burst), Some(bits)) = (
             shape.burst_payload_bytes(),
@@ -155,6 +183,10 @@ impl Link {
             return max;
         };
         let mut per_ms = (bits / 8.0 / 1000.0) as u64;
+        if !lead.is_zero() {
+            burst += (lead.as_secs_f64() * bits / 8.0) as u64;
+            per_ms = u64::MAX;
+        }
         if let Some(s) = squeeze {
             // A chunk's line time stretches by 1 + over on a shared fabric and the credit is
             // the fabric's burst: the chunk shrinks so that it still fits in that credit.
@@ -180,7 +212,10 @@ impl Link {
             dir,
             last_release: None,
             busy: false,
+            id: self.inner.flows.fetch_add(1, Ordering::Relaxed),
             writing: false,
+            pace_want: None,
+            pace_set: None,
             timer: pacer::Timer::default(),
         }
     }
@@ -196,8 +231,14 @@ pub struct Flow {
     last_release: Option<Instant>,
     /// Holds data read for the link.
     busy: bool,
+    /// Its key in the bucket's kernel pacing share.
+    id: u64,
     /// Its released data is being written.
     writing: bool,
+    /// The kernel pacing rate its receiving socket should have (`None`: unpaced).
+    pace_want: Option<u64>,
+    /// The rate last applied to it.
+    pace_set: Option<u64>,
     /// The flow's own timer for its waits.
     timer: pacer::Timer,
 }
@@ -228,6 +269,7 @@ impl Flow {
             if sparse {
                 bucket.reserve_sparse(n as u64, now)
             } else {
+                bucket.bulk_booking(self.id, now);
                 bucket.reserve(n as u64, now)
             }
         };
@@ -256,7 +298,11 @@ impl Flow {
             now = Instant::now();
             due = Some(at);
         }
-        let go = self.link.bucket(self.dir).release(n as u64, now, due);
+        let go = {
+            let mut bucket = self.link.bucket(self.dir);
+            self.pace_want = bucket.pace_rate();
+            bucket.release(n as u64, now, due)
+        };
         self.writing = true;
         if sparse {
             // Charged on the real wire too, but a sparse message never waits behind bulk
@@ -283,12 +329,33 @@ impl Flow {
             self.link.bucket(self.dir).idle(Instant::now());
         }
     }
+
+    /// The kernel pacing rate (payload bytes per second) to apply to this flow's receiving
+    /// socket before writing the chunk of the last [`Flow::acquire`], if it changed since
+    /// the last one applied: `Some(None)` lifts the pacing (the link became unlimited or
+    /// unpaced). The caller applies it, or calls [`Flow::pace_failed`].
+    pub fn pace_update(&mut self) -> Option<Option<u64>> {
+        if self.pace_want == self.pace_set {
+            return None;
+        }
+        self.pace_set = self.pace_want;
+        Some(self.pace_want)
+    }
+
+    /// The kernel refused pacing: the link runs without it from now on (see
+    /// [`Link::unpace`]).
+    pub fn pace_failed(&mut self) {
+        self.link.unpace();
+        self.pace_want = None;
+        self.pace_set = None;
+    }
 }
 
 impl Drop for Flow {
     fn drop(&mut self) {
         self.written();
         self.idle();
+        self.link.bucket(self.dir).forget(self.id);
     }
 }
 
@@ -323,6 +390,13 @@ impl LinkUpdate {
         *self == LinkUpdate::default()
     }
 }
+
+/// How far beyond the burst releases may run ahead of the wire while the kernel paces the
+/// receiving sockets: a holder waking up to the burst plus this late loses nothing, since
+/// the kernel keeps sending what was released before. 4 ms covers the wake-ups measured
+/// late on VM-C (2-core VM, two TCG QEMUs beside the proxy) but for rare stalls; each ms
+/// of it can add up to 1 ms of queueing to the link's one-way latency after a stall.
+pub const PACED_LEAD: Duration = Duration::from_millis(4);
 
 /// Chunks never shrink below this, however slow the link.
 const MIN_CHUNK_LIMIT: u64 = 1500;
@@ -436,6 +510,26 @@ mod tests {
             Duration::ZERO,
         );
         assert_eq!(link.chunk_limit(Direction::ToDestination, 1 << 30), 1500);
+    }
+
+    #[test]
+    fn kernel_pacing_widens_chunks_to_a_share_of_burst_plus_lead() {
+        let link = Link::new(
+            Shape {
+                burst: "1ms".parse().unwrap(),
+                ..shape("1g")
+            },
+            Duration::ZERO,
+        );
+        assert!(!link.paced());
+        assert_eq!(link.chunk_limit(Direction::ToDestination, 1 << 30), 62_500);
+        link.pace_in_kernel();
+        assert!(link.paced());
+        // Half of 1 ms + 4 ms at 1 Gb/s, beyond the 1 ms cap: the kernel spreads it.
+        assert_eq!(link.chunk_limit(Direction::ToDestination, 1 << 30), 312_500);
+        link.unpace();
+        assert!(!link.paced());
+        assert_eq!(link.chunk_limit(Direction::ToDestination, 1 << 30), 62_500);
     }
 
     #[tokio::test]

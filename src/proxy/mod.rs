@@ -5,6 +5,7 @@
 //! 9.2 (and any version under TLS or with postcopy) assign channel roles by arrival order,
 //! so a proxy that connected in parallel could swap the main and multifd channels.
 
+pub mod pace;
 pub mod pump;
 pub mod splice;
 

@@ -191,6 +191,17 @@ async fn forward<T: Tap>(
         if !waited.is_zero() {
             wait.increment(waited.as_secs_f64());
         }
+        if let Some(rate) = flow.pace_update() {
+            if let Err(e) = super::pace::set(&dst, rate) {
+                tracing::warn!(
+                    side = to,
+                    error = %e,
+                    "kernel pacing (SO_MAX_PACING_RATE) refused: the link shapes in user space \
+                     alone from now on (as without --kernel-pacing)"
+                );
+                flow.pace_failed();
+            }
+        }
         if generation != link.generation() {
             // The link changed: the source's receive window follows the new rate.
             generation = link.generation();

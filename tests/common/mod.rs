@@ -55,6 +55,7 @@ pub fn route(upstream: SocketAddr, link: &str) -> RouteConfig {
         delay: Duration::ZERO,
         parse: true,
         zero_copy: true,
+        kernel_pacing: false,
         max_connections: migshaper::config::DEFAULT_MAX_CONNECTIONS,
     }
 }
