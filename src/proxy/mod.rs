@@ -456,14 +456,21 @@ const SOURCE_MSS: u32 = 7168;
 /// link. Measured (`docs/benchmarks.md`): 0.5 ms keeps the in-band reply latency at 1 Gb/s
 /// near a real link's while the mean rate stays within 0.1 %; 2 ms added 5 ms of latency.
 const RCVBUF_TIME: Duration = Duration::from_micros(500);
+/// The same with kernel pacing: reads as large as the chunks the lead allows.
+const PACED_RCVBUF_TIME: Duration = Duration::from_millis(2);
 
 /// On a shaped link, keeps the backlog in the sender: a small receive window on the
 /// source side means the bytes waiting for the link sit in the source's socket, not in
 /// ours, as they would before a real NIC. Unlimited routes keep kernel autotuning.
 pub(crate) fn limit_receive_buffer(client: &TcpStream, link: &Link, changed: bool) {
     let shape = link.shape();
+    let time = if link.paced() {
+        PACED_RCVBUF_TIME
+    } else {
+        RCVBUF_TIME
+    };
     let size = match shape.framing.payload_rate(shape.rate) {
-        Some(bits) => (bits / 8.0 * RCVBUF_TIME.as_secs_f64()) as usize,
+        Some(bits) => (bits / 8.0 * time.as_secs_f64()) as usize,
         // Unlimited after a change: the size set for the old rate locked autotuning off;
         // give the largest window instead.
         None if changed => MAX_RCVBUF,
