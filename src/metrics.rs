@@ -89,11 +89,12 @@ impl ConnOutcome {
 /// of its record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MigrationOutcome {
-    /// The stream ended with QEMU's end-of-stream marker and no failure.
+    /// The stream ended with QEMU's end-of-stream marker and no failure; or, for a TLS
+    /// stream (markers out of sight), every connection closed cleanly.
     Completed,
     /// A reset, an upstream error, a return-path SHUT with an error, a truncated stream.
     Failed,
-    /// The stream was not parsed (TLS, an unknown channel).
+    /// The stream could not be parsed (an unknown channel, a stream the parser lost).
     Unknown,
     /// Cut by migshaper at the end of the drain timeout.
     Interrupted,

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::link::{Direction, Fidelity};
 use crate::metrics::MigrationOutcome;
-use crate::qemu::{MultifdLedger, Outcome, Phase, RamCounters, Stats};
+use crate::qemu::{DesyncReason, MultifdLedger, Outcome, Phase, RamCounters, Stats};
 use record::rfc3339;
 
 /// One migration in progress.
@@ -274,43 +274,11 @@ impl Migration {
     /// The record of the migration ending at `now`, how it ended, and the time it spent
     /// in each of [`Phase::MIGRATION`].
     fn record(&self, st: &State, now: Instant) -> (Record, MigrationOutcome, [Duration; 4]) {
-        let (outcome, cause) = if let Some(f) = &st.failure {
-            if f.starts_with("interrupted") {
-                (MigrationOutcome::Interrupted, Some(f.clone()))
-            } else if f.starts_with("refused") {
-                (MigrationOutcome::Refused, Some(f.clone()))
-            } else {
-                (MigrationOutcome::Failed, Some(f.clone()))
-            }
-        } else if let Some(code) = st.shut.filter(|c| *c != 0) {
-            (
-                MigrationOutcome::Failed,
-                Some(format!("return-path SHUT code {code}")),
-            )
-        } else {
-            match st.main_outcome {
-                Some(Outcome::Completed) => (MigrationOutcome::Completed, None),
-                Some(Outcome::Truncated) => (
-                    MigrationOutcome::Failed,
-                    Some("truncated stream".to_string()),
-                ),
-                Some(Outcome::Empty) | None => {
-                    (MigrationOutcome::Failed, Some("empty stream".to_string()))
-                }
-                Some(Outcome::Failed { code }) => (
-                    MigrationOutcome::Failed,
-                    Some(format!("return-path SHUT code {code}")),
-                ),
-                Some(Outcome::Opaque(r)) => (
-                    MigrationOutcome::Unknown,
-                    Some(format!("stream not parsed: {r}")),
-                ),
-                Some(Outcome::Running) => (
-                    MigrationOutcome::Failed,
-                    Some("truncated stream".to_string()),
-                ),
-            }
-        };
+        let Verdict {
+            outcome,
+            cause,
+            basis,
+        } = verdict(st);
         let mut durations = [Duration::ZERO; 4];
         for (i, (phase, at)) in st.timeline.iter().enumerate() {
             let until = st.timeline.get(i + 1).map_or(now, |n| n.1);
@@ -327,6 +295,7 @@ impl Migration {
             duration_s: now.saturating_duration_since(self.start).as_secs_f64(),
             outcome: outcome.as_str().to_string(),
             cause,
+            outcome_basis: basis.map(str::to_string),
             links: st.links.clone(),
             bytes: DirBytes {
                 to_destination: st.phase_bytes(Direction::ToDestination),
@@ -365,6 +334,79 @@ impl Migration {
     }
 }
 
+/// How a migration ended, as its record says.
+#[derive(Debug, PartialEq)]
+struct Verdict {
+    outcome: MigrationOutcome,
+    /// Why it did not complete.
+    cause: Option<String>,
+    /// How the outcome was judged, when not from the stream's own end markers.
+    basis: Option<&'static str>,
+}
+
+/// The basis of a `completed` judged from the connections alone: under TLS neither QEMU's
+/// end-of-stream marker nor the return path's SHUT can be seen.
+pub const TLS_COMPLETED_BASIS: &str =
+    "encrypted stream (TLS): every connection closed cleanly, end of stream not visible";
+
+/// How the migration in `st` ended: a failure on any connection first, then the return
+/// path's SHUT, then how the main channel's stream ended.
+fn verdict(st: &State) -> Verdict {
+    let (outcome, cause) = if let Some(f) = &st.failure {
+        if f.starts_with("interrupted") {
+            (MigrationOutcome::Interrupted, Some(f.clone()))
+        } else if f.starts_with("refused") {
+            (MigrationOutcome::Refused, Some(f.clone()))
+        } else {
+            (MigrationOutcome::Failed, Some(f.clone()))
+        }
+    } else if let Some(code) = st.shut.filter(|c| *c != 0) {
+        (
+            MigrationOutcome::Failed,
+            Some(format!("return-path SHUT code {code}")),
+        )
+    } else {
+        match st.main_outcome {
+            Some(Outcome::Completed) => (MigrationOutcome::Completed, None),
+            Some(Outcome::Truncated) => (
+                MigrationOutcome::Failed,
+                Some("truncated stream".to_string()),
+            ),
+            Some(Outcome::Empty) | None => {
+                (MigrationOutcome::Failed, Some("empty stream".to_string()))
+            }
+            Some(Outcome::Failed { code }) => (
+                MigrationOutcome::Failed,
+                Some(format!("return-path SHUT code {code}")),
+            ),
+            // Encrypted: the end markers are out of sight, but no connection of the
+            // migration was reset, errored or cut, and every one closed with a FIN each
+            // way. That is how a completed migration ends (and also one cancelled on the
+            // source, which the basis leaves to the caller's job result to tell apart).
+            Some(Outcome::Opaque(DesyncReason::Tls)) => {
+                return Verdict {
+                    outcome: MigrationOutcome::Completed,
+                    cause: None,
+                    basis: Some(TLS_COMPLETED_BASIS),
+                };
+            }
+            Some(Outcome::Opaque(r)) => (
+                MigrationOutcome::Unknown,
+                Some(format!("stream not parsed: {r}")),
+            ),
+            Some(Outcome::Running) => (
+                MigrationOutcome::Failed,
+                Some("truncated stream".to_string()),
+            ),
+        }
+    };
+    Verdict {
+        outcome,
+        cause,
+        basis: None,
+    }
+}
+
 /// Time resolution of a record's throughput series: fine enough to plot a migration of a
 /// second at 10 Gb/s, coarse enough to keep an hour-long one at 36,000 entries.
 const SERIES_INTERVAL: Duration = Duration::from_millis(100);
@@ -380,4 +422,76 @@ struct ChannelSummary {
     main: bool,
     stats: Stats,
     outcome: Outcome,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(main: Outcome, failure: Option<&str>) -> Verdict {
+        let st = State {
+            main_outcome: Some(main),
+            failure: failure.map(str::to_string),
+            ..State::default()
+        };
+        verdict(&st)
+    }
+
+    #[test]
+    fn a_tls_migration_whose_connections_all_closed_cleanly_is_completed_with_its_basis() {
+        let v = ended(Outcome::Opaque(DesyncReason::Tls), None);
+        assert_eq!(v.outcome, MigrationOutcome::Completed);
+        assert_eq!(v.cause, None);
+        assert_eq!(v.basis, Some(TLS_COMPLETED_BASIS));
+    }
+
+    #[test]
+    fn a_tls_migration_with_a_failed_connection_keeps_its_failure() {
+        for (failure, outcome) in [
+            (
+                "reset: read from destination failed: Connection reset by peer (os error 104)",
+                MigrationOutcome::Failed,
+            ),
+            (
+                "upstream error: connect to 127.0.0.1:1 failed",
+                MigrationOutcome::Failed,
+            ),
+            (
+                "interrupted: drain timeout expired",
+                MigrationOutcome::Interrupted,
+            ),
+            ("refused: fabric full", MigrationOutcome::Refused),
+        ] {
+            let v = ended(Outcome::Opaque(DesyncReason::Tls), Some(failure));
+            assert_eq!(v.outcome, outcome, "{failure}");
+            assert_eq!(v.cause.as_deref(), Some(failure));
+            assert_eq!(v.basis, None, "{failure}");
+        }
+    }
+
+    #[test]
+    fn a_plain_stream_the_parser_lost_stays_unknown_without_a_basis() {
+        for r in [
+            DesyncReason::UnknownChannel,
+            DesyncReason::BadFooter,
+            DesyncReason::UnexpectedRecord(0x42),
+        ] {
+            let v = ended(Outcome::Opaque(r), None);
+            assert_eq!(v.outcome, MigrationOutcome::Unknown, "{r}");
+            assert_eq!(v.cause, Some(format!("stream not parsed: {r}")));
+            assert_eq!(v.basis, None, "{r}");
+        }
+    }
+
+    #[test]
+    fn a_parsed_stream_is_judged_by_its_end_markers_without_a_basis() {
+        let v = ended(Outcome::Completed, None);
+        assert_eq!(
+            (v.outcome, v.cause, v.basis),
+            (MigrationOutcome::Completed, None, None)
+        );
+        let v = ended(Outcome::Truncated, None);
+        assert_eq!(v.outcome, MigrationOutcome::Failed);
+        assert_eq!(v.basis, None);
+    }
 }

@@ -195,10 +195,14 @@ pub struct Record {
     pub end: String,
     /// `end - start` in seconds.
     pub duration_s: f64,
-    /// `completed`, `failed` or `unknown` (stream not parsed, e.g. TLS).
+    /// `completed`, `failed`, `unknown` (stream not parsed), `interrupted` or `refused`.
     pub outcome: String,
     /// Why it failed: reset, upstream error, return-path SHUT code, truncated stream.
     pub cause: Option<String>,
+    /// How `outcome` was judged when the stream's own end could not be seen (a TLS
+    /// migration whose connections all closed cleanly); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome_basis: Option<String>,
     /// Link settings in force, with the time each took effect.
     pub links: Vec<LinkEntry>,
     /// Bytes per phase and direction.
