@@ -451,8 +451,10 @@ pub fn render_status(routes: &Value, migrations: &Value, fabric: &Value) -> Stri
                 rec["outcome"].as_str().unwrap_or("?"),
                 rec["duration_s"].as_f64().unwrap_or(0.0),
                 human_bytes(sum(&rec["bytes"]["to_destination"])),
+                // Why it failed, or what a completion of an encrypted stream rests on.
                 rec["cause"]
                     .as_str()
+                    .or(rec["outcome_basis"].as_str())
                     .map_or_else(String::new, |c| format!(" ({c})")),
                 fidelity_text(rec),
             );
@@ -542,7 +544,10 @@ mod tests {
         let recent = json!({"active": [], "recent": [{"id": "r-0", "outcome": "completed",
             "duration_s": 1.0, "bytes": {"to_destination": {"precopy": 5}},
             "fidelity": {"to_destination": {"ratio": 1.0,
-                "shortfall_bytes": {"late": 0, "destination": 0}}}}]});
+                "shortfall_bytes": {"late": 0, "destination": 0}}}},
+            {"id": "r-1", "outcome": "completed", "duration_s": 2.0,
+             "outcome_basis": "encrypted stream (TLS): every connection closed cleanly",
+             "bytes": {"to_destination": {"precopy": 7}}}]});
         let text = render_status(&routes, &recent, &Value::Null);
         assert!(
             text.contains("link fidelity 93.0 % (short 4.0 MB: late 4.0 MB, destination 0 B) LOW"),
@@ -550,6 +555,13 @@ mod tests {
         );
         assert!(
             text.contains("r-0 completed 1.00 s, 5 B to destination, link fidelity 100.0 %\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "r-1 completed 2.00 s, 7 B to destination \
+                 (encrypted stream (TLS): every connection closed cleanly)"
+            ),
             "{text}"
         );
         assert!(text.contains("precopy (pass 2)"), "{text}");
