@@ -111,10 +111,10 @@ fn a_destination_reading_at_80_percent_of_the_link_is_reported_short_by_20_perce
     );
     let f = to_destination(&record);
     let ratio = f["ratio"].as_f64().unwrap_or_else(|| panic!("{f}"));
-    // 0.80 - 0.84 on a quiet host. Under a loaded test run the sending thread itself falls
-    // behind at times; a read that then finds nothing turns the pending write's lost time
-    // into idle time (the sender had nothing), which lifts the ratio (0.86 measured in CI).
-    assert!((0.75..=0.9).contains(&ratio), "ratio {ratio}: {f}");
+    // 0.826 - 0.829 on VM-C, quiet or with both cores busy. Above 0.8 by the end: the
+    // last megabyte or so sits in the kernel's buffers when the link hands it over, and
+    // the destination's 0.1 s to read it counts as idle.
+    assert!((0.75..=0.85).contains(&ratio), "ratio {ratio}: {f}");
     let dest = f["shortfall_bytes"]["destination"].as_u64().unwrap();
     let late = f["shortfall_bytes"]["late"].as_u64().unwrap();
     assert!(dest > 4 * late, "the shortfall is the destination's: {f}");

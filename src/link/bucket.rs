@@ -44,9 +44,11 @@
 //! full (the link could have sent and did not). That time is lost for good; it is booked
 //! to a [`Cause`]: the receiving side not taking a write ([`Cause::Destination`]: counted
 //! once the sender is seen to have had more data waiting, since a last chunk that is slow
-//! to write before a pause delays nothing), or else the link's holders waking too late
-//! ([`Cause::Late`]). Time in which no connection held data (the sender had nothing to
-//! send) is idle, never shortfall. Connections report
+//! to write before a pause delays nothing; a sender whose next bytes come within
+//! [`SENDER_GRACE`] of a read that found none counts as having had them, gap included, as
+//! on a busy host the source's bytes reach migshaper a scheduling moment late), or else
+//! the link's holders waking too late ([`Cause::Late`]). Time in which no connection held
+//! data (the sender had nothing to send) is idle, never shortfall. Connections report
 //! their state through [`TokenBucket::busy`], [`TokenBucket::release`],
 //! [`TokenBucket::written`] and [`TokenBucket::idle`].
 
@@ -91,6 +93,10 @@ impl Shape {
 pub const MAX_CHUNK_FRACTION: f64 = 0.5;
 /// Smallest chunk, as a share of the burst: absorbs wake-ups late by up to 90 % of it.
 pub const MIN_CHUNK_FRACTION: f64 = 0.1;
+/// A sender whose read found nothing but who has data again within this is taken to have
+/// been backlogged all along: a scheduling moment, on a busy host, between its bytes and
+/// ours (see [`TokenBucket::idle`]).
+pub const SENDER_GRACE: Duration = Duration::from_millis(2);
 /// Chunks leave room for this multiple of the recent worst lateness.
 const LATENESS_MARGIN: f64 = 1.25;
 /// How much faster than the link the kernel paces its sockets: a little, so that bytes
@@ -267,6 +273,10 @@ struct Ledger {
     /// Time lost while a write was pending, and its bytes: the destination's once a
     /// sender is seen to have had more data (a release), idle if a read finds nothing.
     pending: (Duration, u64),
+    /// A pending write's lost time and bytes whose sender's next read found nothing, and
+    /// when: the destination's if the sender has data again within [`SENDER_GRACE`], else
+    /// idle.
+    parked: Option<(Duration, u64, Instant)>,
     totals: Fidelity,
     /// Sub-nanosecond remainder of `totals.line`, in units of `1/denom` ns.
     line_frac: u128,
@@ -281,10 +291,31 @@ impl Ledger {
             busy: 0,
             writing: 0,
             pending: (Duration::ZERO, 0),
+            parked: None,
             totals: Fidelity::default(),
             line_frac: 0,
             late_q: 0.0,
         }
+    }
+
+    /// Books a parked write's lost time (see [`Ledger::parked`]) as of `now`: to the
+    /// destination if the sender had data again (`resumed`) within [`SENDER_GRACE`], to
+    /// idle once that has passed; otherwise it stays parked.
+    fn unpark(&mut self, now: Instant, resumed: bool) {
+        let Some((lost, bytes, at)) = self.parked else {
+            return;
+        };
+        let soon = now.saturating_duration_since(at) <= SENDER_GRACE;
+        if resumed && soon {
+            let d = Cause::Destination.index();
+            self.totals.lost[d] += lost;
+            self.totals.shortfall_bytes[d] += bytes;
+        } else if !soon || resumed {
+            self.totals.idle += lost;
+        } else {
+            return;
+        }
+        self.parked = None;
     }
 
     /// Moves the percentile towards a wake-up `late` (a share of the burst): up by
@@ -567,6 +598,7 @@ impl TokenBucket {
     /// A connection now holds data for this direction (it read some while holding none).
     pub fn busy(&mut self, now: Instant) {
         self.advance(now);
+        self.ledger.unpark(now, true);
         self.ledger.busy += 1;
         if self.ledger.busy == 1 && !self.lead.is_zero() {
             self.idle_credit(now);
@@ -589,8 +621,15 @@ impl TokenBucket {
         self.advance(now);
         let l = &mut self.ledger;
         l.busy = l.busy.saturating_sub(1);
-        // The sender had nothing more: the link would have idled during the write too.
-        l.totals.idle += std::mem::take(&mut l.pending).0;
+        // The sender has nothing more right now. If that lasts, the link would have idled
+        // during the write too; if its next bytes come a moment later (the sender's thread,
+        // or the kernel's delivery to us, ran late), the write did hold the link back.
+        l.unpark(now, false);
+        let (lost, bytes) = std::mem::take(&mut l.pending);
+        if !lost.is_zero() {
+            l.totals.idle += l.parked.take().map_or(Duration::ZERO, |p| p.0);
+            l.parked = Some((lost, bytes, now));
+        }
         if l.busy == 0 {
             self.idle_since = now;
             if let Some(seat) = &mut self.seat {
@@ -625,6 +664,7 @@ impl TokenBucket {
     /// The ledger up to `now`.
     pub fn fidelity(&mut self, now: Instant) -> Fidelity {
         self.advance(now);
+        self.ledger.unpark(now, false);
         self.ledger.totals
     }
 
@@ -645,15 +685,27 @@ impl TokenBucket {
             return;
         }
         let from = std::mem::replace(&mut l.at, now);
+        let full = self.released.end + tau;
+        let start = from.max(full);
         if l.busy == 0 {
-            l.totals.idle += now - from;
+            // Nobody holds data. Right after a write that held the link back, that may be
+            // the sender's next bytes a moment away: the time the link could have sent in
+            // waits with the parked write for the sender's return (see `Ledger::unpark`).
+            l.unpark(now, false);
+            let parked = l.parked.as_mut().zip(self.cost);
+            match parked {
+                Some((p, cost)) if now > start => {
+                    p.0 += now - start;
+                    p.1 += cost.bytes_in(now - start);
+                    l.totals.idle += start - from;
+                }
+                _ => l.totals.idle += now - from,
+            }
             return;
         }
         let Some(cost) = self.cost else {
             return;
         };
-        let full = self.released.end + tau;
-        let start = from.max(full);
         if now <= start {
             return;
         }
@@ -1324,6 +1376,33 @@ mod tests {
         // Unlimited links are never paced.
         b.set_shape(Shape::UNLIMITED, t);
         assert_eq!(b.pace_rate(), None);
+    }
+
+    #[test]
+    fn a_slow_write_is_the_destinations_if_the_sender_resumes_at_once_else_idle() {
+        for (gap_ms, destination) in [(1, true), (10, false)] {
+            let t0 = Instant::now();
+            let mut b = TokenBucket::new(shape("100mbit", "1ms", "none"), t0);
+            b.busy(t0);
+            let at = b.reserve(12_500, t0);
+            b.release(12_500, at, Some(at));
+            // The write takes 11 ms; the sender's next read then finds nothing.
+            let done = at + Duration::from_millis(11);
+            b.written(done);
+            b.idle(done);
+            let again = done + Duration::from_millis(gap_ms);
+            b.busy(again);
+            let f = b.fidelity(again);
+            let lost = f.lost[Cause::Destination.index()];
+            if destination {
+                // 11 ms of write, less the 1 ms burst of credit, and the gap.
+                assert_eq!(lost, Duration::from_millis(10 + gap_ms), "{f:?}");
+                assert_eq!(f.idle, Duration::ZERO, "{f:?}");
+            } else {
+                assert_eq!(lost, Duration::ZERO, "{f:?}");
+                assert_eq!(f.idle, Duration::from_millis(10 + gap_ms), "{f:?}");
+            }
+        }
     }
 
     #[test]
