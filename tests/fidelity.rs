@@ -92,7 +92,7 @@ fn to_destination(record: &Value) -> &Value {
 fn a_destination_reading_at_80_percent_of_the_link_is_reported_short_by_20_percent() {
     let (record, log) = through_link(
         "fidelity-slow",
-        |s| send(s, 45_000_000, 1),
+        |s| send(s, 90_000_000, 1),
         |s| {
             // Reads at 80 % of the link's rate, paced by its own clock.
             let t0 = Instant::now();
@@ -111,9 +111,10 @@ fn a_destination_reading_at_80_percent_of_the_link_is_reported_short_by_20_perce
     );
     let f = to_destination(&record);
     let ratio = f["ratio"].as_f64().unwrap_or_else(|| panic!("{f}"));
-    // 0.826 - 0.829 on VM-C, quiet or with both cores busy. Above 0.8 by the end: the
-    // last megabyte or so sits in the kernel's buffers when the link hands it over, and
-    // the destination's 0.1 s to read it counts as idle.
+    // 0.813 - 0.828 on VM-C. Above 0.8 by the end: the last megabytes sit in the kernel's
+    // buffers when the link hands them over (the send buffer grows to 1 - 3 MB), and the
+    // destination's 0.1 - 0.3 s to read them counts as idle; 90 MB keep that small.
+    eprintln!("slow destination: {f}");
     assert!((0.75..=0.85).contains(&ratio), "ratio {ratio}: {f}");
     let dest = f["shortfall_bytes"]["destination"].as_u64().unwrap();
     let late = f["shortfall_bytes"]["late"].as_u64().unwrap();

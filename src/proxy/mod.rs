@@ -138,6 +138,8 @@ impl Route {
         };
         let (tx, rx) = mpsc::channel::<Accepted>(CONNECT_QUEUE);
         let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+        let sized_for = link.clone();
+        let mut sized_at: Option<u64> = None;
         let mut refused = Refusals::default();
         let connector = Connector {
             route: name.clone(),
@@ -154,6 +156,15 @@ impl Route {
         let connector_task = tracker.spawn(connector.run(rx, stop_accepting.clone()));
         let mut backoff = Duration::from_millis(10);
         loop {
+            // Connections are born with the listener's receive buffer: a source that writes
+            // as soon as it connects (QEMU does) then never has more in flight than the
+            // buffer it meets, which shrinking it after accept would drop (the kernel prunes
+            // and the source waits for a retransmission, 200 ms at worst).
+            let generation = sized_for.generation();
+            if sized_at != Some(generation) {
+                set_receive_buffer(&listener, &sized_for, sized_at.is_some());
+                sized_at = Some(generation);
+            }
             let accepted = tokio::select! {
                 biased;
                 _ = stop_accepting.cancelled() => break,
@@ -463,6 +474,11 @@ const PACED_RCVBUF_TIME: Duration = Duration::from_millis(2);
 /// source side means the bytes waiting for the link sit in the source's socket, not in
 /// ours, as they would before a real NIC. Unlimited routes keep kernel autotuning.
 pub(crate) fn limit_receive_buffer(client: &TcpStream, link: &Link, changed: bool) {
+    set_receive_buffer(client, link, changed);
+}
+
+/// [`limit_receive_buffer`] for any socket: an accepted one or the listener.
+fn set_receive_buffer(socket: &impl std::os::fd::AsFd, link: &Link, changed: bool) {
     let shape = link.shape();
     let time = if link.paced() {
         PACED_RCVBUF_TIME
@@ -476,7 +492,7 @@ pub(crate) fn limit_receive_buffer(client: &TcpStream, link: &Link, changed: boo
         None if changed => MAX_RCVBUF,
         None => return,
     };
-    let _ = socket2::SockRef::from(client).set_recv_buffer_size(size.clamp(32 * 1024, MAX_RCVBUF));
+    let _ = socket2::SockRef::from(socket).set_recv_buffer_size(size.clamp(32 * 1024, MAX_RCVBUF));
 }
 
 /// Largest receive buffer set (the kernel caps it at net.core.rmem_max, 4 MiB by default).
