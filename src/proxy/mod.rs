@@ -162,7 +162,7 @@ impl Route {
             // and the source waits for a retransmission, 200 ms at worst).
             let generation = sized_for.generation();
             if sized_at != Some(generation) {
-                set_receive_buffer(&listener, &sized_for, sized_at.is_some());
+                limit_receive_buffer(&listener, &sized_for, sized_at.is_some());
                 sized_at = Some(generation);
             }
             let accepted = tokio::select! {
@@ -334,7 +334,6 @@ impl Connector {
                     continue;
                 }
             };
-            limit_receive_buffer(&client, &self.link, false);
             if let Some(after) = self.options.keepalive {
                 set_keepalive(&client, after);
                 set_keepalive(&upstream, after);
@@ -472,13 +471,10 @@ const PACED_RCVBUF_TIME: Duration = Duration::from_millis(2);
 
 /// On a shaped link, keeps the backlog in the sender: a small receive window on the
 /// source side means the bytes waiting for the link sit in the source's socket, not in
-/// ours, as they would before a real NIC. Unlimited routes keep kernel autotuning.
-pub(crate) fn limit_receive_buffer(client: &TcpStream, link: &Link, changed: bool) {
-    set_receive_buffer(client, link, changed);
-}
-
-/// [`limit_receive_buffer`] for any socket: an accepted one or the listener.
-fn set_receive_buffer(socket: &impl std::os::fd::AsFd, link: &Link, changed: bool) {
+/// ours, as they would before a real NIC. Unlimited routes keep kernel autotuning. Set on
+/// the listener, so that connections are born with it, and on each connection when the
+/// link changes.
+pub(crate) fn limit_receive_buffer(socket: &impl std::os::fd::AsFd, link: &Link, changed: bool) {
     let shape = link.shape();
     let time = if link.paced() {
         PACED_RCVBUF_TIME

@@ -126,7 +126,7 @@ async fn forward<T: Tap>(
     let (from, to) = dir.sides();
     let mut generation = link.generation();
     if dir == Direction::ToDestination {
-        // Sized again after reading the generation: a change between the connector's
+        // Sized again after reading the generation: a change between the listener's
         // sizing and here is not missed.
         super::limit_receive_buffer(&src, &link, false);
     }
