@@ -45,8 +45,21 @@ async fn through_pump(
     look_for: usize,
     zero_copy: bool,
 ) -> (Vec<u8>, Vec<u8>, u64, Recorder) {
+    let link = Link::new(shape, Duration::ZERO);
+    let (data, got, total, tap, _) = through_link(len, link, look_for, zero_copy).await;
+    (data, got, total, tap)
+}
+
+/// [`through_pump`] on a given link; also returns the receiving socket the pump wrote to.
+async fn through_link(
+    len: usize,
+    link: Link,
+    look_for: usize,
+    zero_copy: bool,
+) -> (Vec<u8>, Vec<u8>, u64, Recorder, Arc<TcpStream>) {
     let (mut sender, src) = pair().await;
     let (dst, mut receiver) = pair().await;
+    let dst = Arc::new(dst);
     let data: Vec<u8> = {
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         (0..len)
@@ -71,8 +84,8 @@ async fn through_pump(
     };
     let pumped = tokio::spawn(pump(
         Arc::new(src),
-        Arc::new(dst),
-        Link::new(shape, Duration::ZERO),
+        dst.clone(),
+        link,
         Direction::ToDestination,
         CancellationToken::new(),
         share,
@@ -88,7 +101,7 @@ async fn through_pump(
     receiver.read_to_end(&mut got).await.unwrap();
     let _sender = writer.await.unwrap();
     let (r, tap) = pumped.await.unwrap();
-    (data, got, r.unwrap(), tap)
+    (data, got, r.unwrap(), tap, dst)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,15 +156,13 @@ async fn with_zero_copy_off_every_byte_is_copied() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_pacing_sets_the_receiving_socket_and_keeps_the_bytes() {
     use migshaper::proxy::pace;
-    let (mut sender, src) = pair().await;
-    let (dst, mut receiver) = pair().await;
-    let dst = Arc::new(dst);
+    const LEN: usize = 4_000_000;
+    let (fresh, _peer) = pair().await;
     assert_eq!(
-        pace::get(&dst).unwrap(),
+        pace::get(&fresh).unwrap(),
         None,
         "a fresh socket is not paced"
     );
-    let data: Vec<u8> = (0..4_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let link = Link::new(
         Shape {
             rate: "1g".parse().unwrap(),
@@ -161,36 +172,8 @@ async fn kernel_pacing_sets_the_receiving_socket_and_keeps_the_bytes() {
         Duration::ZERO,
     );
     link.pace_in_kernel();
-    let share = RouteShare {
-        wait: metrics::Gauge::noop(),
-        budget: BufferBudget::new(Arc::new(tokio::sync::Semaphore::new(1)), 1),
-        zero_copy: true,
-    };
-    let tap = Recorder {
-        look_for: 0,
-        seen: Vec::new(),
-        unseen: 0,
-    };
-    let pumped = tokio::spawn(pump(
-        Arc::new(src),
-        dst.clone(),
-        link.clone(),
-        Direction::ToDestination,
-        CancellationToken::new(),
-        share,
-        tap,
-    ));
-    let send = data.clone();
-    let writer = tokio::spawn(async move {
-        sender.write_all(&send).await.unwrap();
-        sender.shutdown().await.unwrap();
-        sender
-    });
-    let mut got = Vec::new();
-    receiver.read_to_end(&mut got).await.unwrap();
-    let _sender = writer.await.unwrap();
-    let (r, _) = pumped.await.unwrap();
-    assert_eq!(r.unwrap(), data.len() as u64);
+    let (data, got, total, _, dst) = through_link(LEN, link.clone(), 0, true).await;
+    assert_eq!(total, LEN as u64);
     assert!(got == data, "bytes changed or reordered");
     // 125 MB/s of payload plus the 0.2 % margin; unsent bytes capped at 4 ms of that.
     assert_eq!(pace::get(&dst).unwrap(), Some(125_250_000));
