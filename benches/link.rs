@@ -11,7 +11,16 @@
 //!
 //! Beside each migshaper row's measured mean it prints the fidelity the link itself reported
 //! for the run (carried / (carried + shortfall) of the route's `to_destination` direction,
-//! from `GET /metrics` before and after), and whether the two agree within 1 %.
+//! from `GET /metrics` before and after), whether the two agree within 1 %, and the
+//! shortfall by cause (`late`: the link's own wake-ups later than the burst absorbs;
+//! `destination`: the receiving side not taking the bytes), each as a share of the link time
+//! the run needed.
+//!
+//! Below the table it judges every shaped row against the link's targets, from the same run:
+//! mean/target in [0.995, 1.005], the highest 100 ms window within 1 + burst/100 ms, and CPU
+//! per Gb/s within 2× the unshaped path's at 1g and 1.5× at 10g. A rate is judged only where
+//! direct loopback carried twice it; the unshaped migshaper row's rate is printed beside,
+//! the proxied path's own ceiling on the host.
 //!
 //! As root with iproute2, one more row is the kernel's reference: "tc tbf 1gbit (veth)", the
 //! same load over a veth pair into a network namespace the bench creates (and removes),
@@ -119,9 +128,65 @@ struct RunResult {
     ping_inband: Vec<f64>,
     ping_second: Vec<f64>,
     cpu_pct: f64,
-    /// Payload bytes the route's link carried to the destination during the run and the
-    /// bytes of link time it lost (None: no proxy, or the binary exports no ledger).
-    ledger: Option<(f64, f64)>,
+    /// What the route's link reported for its `to_destination` direction during the run
+    /// (None: no proxy, or the binary exports no ledger).
+    ledger: Option<Ledger>,
+}
+
+/// A link direction's own account over some runs, in payload bytes: what it carried, and
+/// the link time it lost, by cause (`late`: its wake-ups came later than the burst absorbs;
+/// `destination`: the receiving side did not take the bytes; `other`: any other cause).
+#[derive(Default, Clone, Copy, Debug, PartialEq)]
+struct Ledger {
+    carried: f64,
+    late: f64,
+    destination: f64,
+    other: f64,
+}
+
+impl Ledger {
+    fn shortfall(&self) -> f64 {
+        self.late + self.destination + self.other
+    }
+
+    fn minus(&self, before: &Ledger) -> Ledger {
+        Ledger {
+            carried: self.carried - before.carried,
+            late: self.late - before.late,
+            destination: self.destination - before.destination,
+            other: self.other - before.other,
+        }
+    }
+
+    fn plus(&self, o: &Ledger) -> Ledger {
+        Ledger {
+            carried: self.carried + o.carried,
+            late: self.late + o.late,
+            destination: self.destination + o.destination,
+            other: self.other + o.other,
+        }
+    }
+
+    /// carried / (carried + shortfall); None before the link carried anything.
+    fn fidelity(&self) -> Option<f64> {
+        (self.carried > 0.0).then(|| self.carried / (self.carried + self.shortfall()))
+    }
+
+    /// Each cause's share of the link time the run needed (carried + shortfall), as
+    /// "late 1.2 %, destination 0.1 %" (other causes only when present).
+    fn causes(&self) -> String {
+        let whole = self.carried + self.shortfall();
+        let share = |v: f64| if whole > 0.0 { v / whole * 100.0 } else { 0.0 };
+        let mut s = format!(
+            "late {:.2} %, destination {:.2} %",
+            share(self.late),
+            share(self.destination)
+        );
+        if self.other > 0.0 {
+            s.push_str(&format!(", other {:.2} %", share(self.other)));
+        }
+        s
+    }
 }
 
 fn main() {
@@ -220,9 +285,8 @@ fn main() {
             };
             // A route's counters appear with its first carried byte.
             r.ledger = t.route.and_then(|route| {
-                let (c1, s1) = link_ledger(control, route)?;
-                let (c0, s0) = before.unwrap_or((0.0, 0.0));
-                Some((c1 - c0, s1 - s0))
+                let after = link_ledger(control, route)?;
+                Some(after.minus(&before.unwrap_or_default()))
             });
             eprintln!(
                 "round {} {:>20} x{}: {:.3} Gb/s, fidelity {}, max100 {:.3}, first100 {:.3}, ping {:.2}/{:.2} ms",
@@ -230,7 +294,11 @@ fn main() {
                 t.name,
                 streams,
                 r.gbps,
-                fidelity(std::slice::from_ref(&r)).map_or("n/a".into(), |f| format!("{f:.4}")),
+                ledger(std::slice::from_ref(&r)).map_or("n/a".into(), |l| format!(
+                    "{:.4} ({})",
+                    l.fidelity().unwrap_or(f64::NAN),
+                    l.causes()
+                )),
                 r.max_window,
                 r.first_window,
                 pct(&r.ping_inband, 50.0),
@@ -254,6 +322,7 @@ fn main() {
         println!("\n{TC_ROW}: skipped: {why}");
     }
     print_ping_check(&configs, &results);
+    print_targets(&args, &configs, &results);
 }
 
 /// The kernel's reference link: a network namespace, a veth pair into it and tbf 1gbit on
@@ -406,13 +475,14 @@ fn http_get(addr: SocketAddr, path: &str) -> Result<String, ureq::Error> {
         .read_to_string()
 }
 
-/// The route's `to_destination` ledger from migshaper's metrics: (payload bytes carried,
-/// bytes of shortfall over every cause). None when the binary exports no such counters (or
-/// the route has not carried anything yet).
-fn link_ledger(control: SocketAddr, route: &str) -> Option<(f64, f64)> {
+/// The route's `to_destination` ledger from migshaper's metrics, summed over the cause
+/// labels. None when the binary exports no such counters (or the route has not carried
+/// anything yet).
+fn link_ledger(control: SocketAddr, route: &str) -> Option<Ledger> {
     let text = http_get(control, "/metrics").ok()?;
     let want_route = format!("route=\"{route}\"");
-    let (mut carried, mut shortfall) = (None, 0.0);
+    let mut l = Ledger::default();
+    let mut seen = false;
     for line in text.lines() {
         let Some((name, rest)) = line.split_once('{') else {
             continue;
@@ -437,20 +507,28 @@ fn link_ledger(control: SocketAddr, route: &str) -> Option<(f64, f64)> {
             continue;
         };
         if name == CARRIED {
-            carried = Some(carried.unwrap_or(0.0) + v);
+            l.carried += v;
+            seen = true;
+        } else if labels.contains(&"cause=\"late\"") {
+            l.late += v;
+        } else if labels.contains(&"cause=\"destination\"") {
+            l.destination += v;
         } else {
-            shortfall += v;
+            l.other += v;
         }
     }
-    carried.map(|c| (c, shortfall))
+    seen.then_some(l)
+}
+
+/// The ledger summed over these runs; None if any run has none.
+fn ledger(rs: &[RunResult]) -> Option<Ledger> {
+    rs.iter()
+        .try_fold(Ledger::default(), |acc, r| r.ledger.map(|l| acc.plus(&l)))
 }
 
 /// carried / (carried + shortfall) over these runs; None if any run has no ledger.
 fn fidelity(rs: &[RunResult]) -> Option<f64> {
-    let (c, s) = rs.iter().try_fold((0.0, 0.0), |(c, s), r| {
-        r.ledger.map(|(rc, rs)| (c + rc, s + rs))
-    })?;
-    (c > 0.0).then(|| c / (c + s))
+    ledger(rs)?.fidelity()
 }
 
 /// The in-band ping through migshaper at 1g against tbf's, from the same run.
@@ -477,6 +555,121 @@ fn print_ping_check(configs: &[(Target, usize)], results: &[Vec<RunResult>]) {
             );
         }
     }
+}
+
+/// Shaped rows whose mean/target falls outside this are short of (or over) their rate.
+const MEAN_BAND: (f64, f64) = (0.995, 1.005);
+/// The most a shaped row's %/(Gb/s) may cost against the unshaped path's (same streams, same
+/// run): at 1 Gb/s and at 10 Gb/s.
+const CPU_BOUND_1G: f64 = 2.0;
+const CPU_BOUND_10G: f64 = 1.5;
+
+/// Judges every shaped migshaper row of this run against the link's targets: mean/target
+/// within [`MEAN_BAND`]; the highest 100 ms window within 1 + burst / 100 ms (a bucket of
+/// that burst allows no more); CPU per Gb/s within [`CPU_BOUND_1G`] or [`CPU_BOUND_10G`] times
+/// the unshaped row's of the same run. A rate is judged where direct loopback carried at
+/// least twice it in this run (a host that cannot carry the traffic cannot shape it); the
+/// unshaped migshaper row's rate is printed beside it, since that is the ceiling of the
+/// proxied path on this host.
+fn print_targets(args: &Args, configs: &[(Target, usize)], results: &[Vec<RunResult>]) {
+    let find = |name: &str, streams: usize| {
+        configs
+            .iter()
+            .zip(results)
+            .find(|((t, s), rs)| t.name == name && *s == streams && !rs.is_empty())
+            .map(|(_, rs)| rs)
+    };
+    let gbps = |rs: &Vec<RunResult>| mean(rs.iter().map(|r| r.gbps));
+    let cpu_per_gbps = |rs: &Vec<RunResult>| mean(rs.iter().map(|r| r.cpu_pct)) / gbps(rs);
+    let direct = find("direct loopback", 1).map(gbps);
+    let peak_bound = humantime::parse_duration(&args.burst)
+        .ok()
+        .map(|b| 1.0 + b.as_secs_f64() / 0.1);
+    println!(
+        "\ntargets (same run; mean in [{}, {}], max 100 ms <= 1 + burst/100 ms, CPU per Gb/s <= {CPU_BOUND_1G}x unshaped at 1g and {CPU_BOUND_10G}x at 10g):",
+        MEAN_BAND.0, MEAN_BAND.1
+    );
+    let (mut met, mut missed, mut unjudged) = (0, 0, 0);
+    for ((t, streams), rs) in configs.iter().zip(results) {
+        let (Some(rate), Some(_)) = (t.rate, t.route) else {
+            continue;
+        };
+        if rs.is_empty() {
+            continue;
+        }
+        let mut checks = Vec::new();
+        let mut ok = true;
+        let ratio = gbps(rs) * 1e9 / rate;
+        let in_band = (MEAN_BAND.0..=MEAN_BAND.1).contains(&ratio);
+        ok &= in_band;
+        checks.push(format!(
+            "mean {ratio:.4} {}",
+            if in_band { "ok" } else { "MISSED" }
+        ));
+        let peak = mean(rs.iter().map(|r| r.max_window));
+        if let (Some(bound), false) = (peak_bound, peak.is_nan()) {
+            let within = peak <= bound;
+            ok &= within;
+            checks.push(format!(
+                "max 100 ms {peak:.4} {}",
+                if within { "ok" } else { "MISSED" }
+            ));
+        }
+        let base_name = if t.replay {
+            if t.name.ends_with("parsing off") {
+                "QEMU stream: unlimited, parsing off"
+            } else {
+                "QEMU stream: unlimited, parsing on"
+            }
+        } else {
+            "migshaper unlimited"
+        };
+        let bound = if rate >= 10e9 {
+            CPU_BOUND_10G
+        } else {
+            CPU_BOUND_1G
+        };
+        if let Some(base) = find(base_name, *streams) {
+            let x = cpu_per_gbps(rs) / cpu_per_gbps(base);
+            let within = x <= bound;
+            ok &= within;
+            checks.push(format!(
+                "CPU {x:.2}x unshaped {}",
+                if within { "ok" } else { "MISSED" }
+            ));
+        }
+        let judged = direct.is_some_and(|d| d * 1e9 >= 2.0 * rate);
+        let verdict = match (judged, ok) {
+            (false, _) => {
+                unjudged += 1;
+                "not judged"
+            }
+            (true, true) => {
+                met += 1;
+                "met"
+            }
+            (true, false) => {
+                missed += 1;
+                "MISSED"
+            }
+        };
+        println!(
+            "  {} x{streams}: {} -> {verdict}",
+            t.name,
+            checks.join(", ")
+        );
+    }
+    let host = match (direct, find("migshaper unlimited", 1).map(gbps)) {
+        (Some(d), Some(u)) => format!(
+            "direct loopback x1 {d:.2} Gb/s (a rate is judged up to half of it), migshaper unlimited x1 {u:.2} Gb/s (the proxied path's ceiling here)"
+        ),
+        (Some(d), None) => {
+            format!("direct loopback x1 {d:.2} Gb/s (a rate is judged up to half of it)")
+        }
+        _ => "direct loopback not run: no row judged (run without --only, or include \"direct\")"
+            .to_owned(),
+    };
+    println!("  {met} met, {missed} missed, {unjudged} not judged; {host}");
 }
 
 /// Forgets what the kernel learned about earlier loopback connections, so every run starts
@@ -959,9 +1152,9 @@ fn print_table(args: &Args, configs: &[(Target, usize)], results: &[Vec<RunResul
         }
     );
     println!(
-        "| configuration | streams | Gb/s | mean/target | link fidelity | agree | max 100 ms/target | max 100 ms at read/target | first 100 ms/target | conn min/mean | in-band ping p50 / p99 (ms) | 2nd-conn ping p50 / p99 (ms) | proxy CPU % | CPU %/(Gb/s) |"
+        "| configuration | streams | Gb/s | mean/target | link fidelity | agree | shortfall by cause | max 100 ms/target | max 100 ms at read/target | first 100 ms/target | conn min/mean | in-band ping p50 / p99 (ms) | 2nd-conn ping p50 / p99 (ms) | proxy CPU % | CPU %/(Gb/s) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let direct1 = configs
         .iter()
         .zip(results)
@@ -1002,14 +1195,19 @@ fn print_table(args: &Args, configs: &[(Target, usize)], results: &[Vec<RunResul
                 },
             ),
         };
+        let causes = match ledger(rs) {
+            Some(l) if via_proxy && t.rate.is_some() => l.causes(),
+            _ => "-".to_owned(),
+        };
         let row = format!(
-            "| {} | {} | {:.3} | {} | {} | {} | {} | {} | {} | {:.3} | {:.2} / {:.2} | {:.2} / {:.2} | {} | {} |",
+            "| {} | {} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.2} / {:.2} | {:.2} / {:.2} | {} | {} |",
             t.name,
             streams,
             gbps,
             mean_t,
             fid_s,
             agree,
+            causes,
             ratio(&|r| r.max_window),
             ratio(&|r| r.max_window_read),
             ratio(&|r| r.first_window),
