@@ -294,11 +294,9 @@ fn main() {
                 t.name,
                 streams,
                 r.gbps,
-                ledger(std::slice::from_ref(&r)).map_or("n/a".into(), |l| format!(
-                    "{:.4} ({})",
-                    l.fidelity().unwrap_or(f64::NAN),
-                    l.causes()
-                )),
+                ledger(std::slice::from_ref(&r))
+                    .and_then(|l| Some(format!("{:.4} ({})", l.fidelity()?, l.causes())))
+                    .unwrap_or_else(|| "n/a".into()),
                 r.max_window,
                 r.first_window,
                 pct(&r.ping_inband, 50.0),
