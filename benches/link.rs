@@ -16,6 +16,12 @@
 //! `destination`: the receiving side not taking the bytes), each as a share of the link time
 //! the run needed.
 //!
+//! Each row also shows the host's side of the run: TCP retransmissions in this network
+//! namespace (and how many the receivers reported as needless), and the share of the VM's
+//! CPU time the hypervisor took (steal, from /proc/stat; worst round). A run with more than
+//! 1 % stolen is flagged: a descheduled vCPU is a late wake-up and a receiver that does not
+//! read, whatever the shaper does.
+//!
 //! Below the table it judges every shaped row against the link's targets, from the same run:
 //! mean/target in [0.995, 1.005], the highest 100 ms window within 1 + burst/100 ms, and CPU
 //! per Gb/s within 2× the unshaped path's at 1g and 1.5× at 10g. A rate is judged only where
@@ -131,6 +137,72 @@ struct RunResult {
     /// What the route's link reported for its `to_destination` direction during the run
     /// (None: no proxy, or the binary exports no ledger).
     ledger: Option<Ledger>,
+    /// Host-wide TCP retransmissions during the run (this network namespace), and how many
+    /// of them the receiver reported as needless (DSACKs): on loopback those come from
+    /// reordering, which cuts the sending connection's window like a loss would.
+    retrans: Option<TcpRetrans>,
+    /// Share of the VM's CPU time the hypervisor ran something else during the run (steal,
+    /// from /proc/stat): a vCPU descheduled under a running shaper is a late wake-up and a
+    /// receiver that does not read, whatever the shaper does.
+    steal: Option<f64>,
+}
+
+/// The first line of /proc/stat: (steal ticks, all ticks).
+fn cpu_steal_ticks() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest times are inside user/nice).
+    let all = v.iter().take(8).sum();
+    Some((*v.get(7)?, all))
+}
+
+/// Steal as a share of the CPU time between two readings.
+fn steal_share(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    let ((s0, a0), (s1, a1)) = (before?, after?);
+    (a1 > a0).then(|| s1.saturating_sub(s0) as f64 / (a1 - a0) as f64)
+}
+
+/// Above this share of stolen CPU time a run measured the hypervisor as much as the link.
+const STEAL_LIMIT: f64 = 0.01;
+
+/// Deltas of `RetransSegs` (`/proc/net/snmp`) and `TCPDSACKRecv` (`/proc/net/netstat`).
+#[derive(Default, Clone, Copy, Debug)]
+struct TcpRetrans {
+    segments: u64,
+    needless: u64,
+}
+
+impl TcpRetrans {
+    /// The counters now; None where /proc does not have them.
+    fn now() -> Option<TcpRetrans> {
+        Some(TcpRetrans {
+            segments: proc_counter("/proc/net/snmp", "Tcp:", "RetransSegs")?,
+            needless: proc_counter("/proc/net/netstat", "TcpExt:", "TCPDSACKRecv")?,
+        })
+    }
+
+    fn since(&self, before: &TcpRetrans) -> TcpRetrans {
+        TcpRetrans {
+            segments: self.segments.saturating_sub(before.segments),
+            needless: self.needless.saturating_sub(before.needless),
+        }
+    }
+}
+
+/// One counter of a /proc/net table: a header line and a value line share `prefix`.
+fn proc_counter(path: &str, prefix: &str, name: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut lines = text.lines().filter(|l| l.starts_with(prefix));
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if let Some(i) = names.split_whitespace().position(|n| n == name) {
+            return values.split_whitespace().nth(i)?.parse().ok();
+        }
+    }
+    None
 }
 
 /// A link direction's own account over some runs, in payload bytes: what it carried, and
@@ -278,6 +350,8 @@ fn main() {
                 link.forget_tcp_metrics();
             }
             let before = t.route.and_then(|r| link_ledger(control, r));
+            let retrans_before = TcpRetrans::now();
+            let steal_before = cpu_steal_ticks();
             let mut r = if t.replay {
                 run_replay(t, &capture, args.secs, pid)
             } else {
@@ -288,8 +362,12 @@ fn main() {
                 let after = link_ledger(control, route)?;
                 Some(after.minus(&before.unwrap_or_default()))
             });
+            r.retrans = TcpRetrans::now()
+                .zip(retrans_before)
+                .map(|(a, b)| a.since(&b));
+            r.steal = steal_share(steal_before, cpu_steal_ticks());
             eprintln!(
-                "round {} {:>20} x{}: {:.3} Gb/s, fidelity {}, max100 {:.3}, first100 {:.3}, ping {:.2}/{:.2} ms",
+                "round {} {:>20} x{}: {:.3} Gb/s, fidelity {}, max100 {:.3}, first100 {:.3}, ping {:.2}/{:.2} ms, retrans {}, steal {}",
                 round + 1,
                 t.name,
                 streams,
@@ -300,7 +378,13 @@ fn main() {
                 r.max_window,
                 r.first_window,
                 pct(&r.ping_inband, 50.0),
-                pct(&r.ping_second, 50.0)
+                pct(&r.ping_second, 50.0),
+                r.retrans.map_or("n/a".into(), |x| format!(
+                    "{} ({} needless)",
+                    x.segments, x.needless
+                )),
+                r.steal
+                    .map_or("n/a".into(), |x| format!("{:.1} %", x * 100.0))
             );
             results[i].push(r);
         }
@@ -668,7 +752,48 @@ fn print_targets(args: &Args, configs: &[(Target, usize)], results: &[Vec<RunRes
             .to_owned(),
     };
     println!("  {met} met, {missed} missed, {unjudged} not judged; {host}");
+    let stolen: Vec<String> = configs
+        .iter()
+        .zip(results)
+        .filter_map(|((t, streams), rs)| {
+            let w = worst_steal(rs)?;
+            (w > STEAL_LIMIT).then(|| format!("{} x{streams} {:.1} %", t.name, w * 100.0))
+        })
+        .collect();
+    if !stolen.is_empty() {
+        println!(
+            "  host disturbed: the hypervisor took more than {:.0} % of this VM's CPU time during \
+             {} run(s) (worst round: {}); the verdicts reflect the host as much as the link: run again",
+            STEAL_LIMIT * 100.0,
+            stolen.len(),
+            stolen.join(", ")
+        );
+    }
+    // The kernel's own shaper under the same load is the run's control: if it was short
+    // too, the host (not the link) set this run's figures.
+    for streams in [1, 4] {
+        if let Some(tc) = find(TC_ROW, streams) {
+            let r = gbps(tc) * 1e9 / TC_PAYLOAD_RATE;
+            if !(TC_BAND.0..=TC_BAND.1).contains(&r) {
+                println!(
+                    "  host disturbed: {TC_ROW} x{streams} ran at {r:.4} of its rate in this run; \
+                     the verdicts above reflect the host as much as the link: run again"
+                );
+            }
+        }
+    }
 }
+
+/// The most CPU time stolen in any of these runs; None if a run could not read it.
+fn worst_steal(rs: &[RunResult]) -> Option<f64> {
+    rs.iter()
+        .map(|r| r.steal)
+        .collect::<Option<Vec<_>>>()
+        .map(|v| v.into_iter().fold(0.0, f64::max))
+}
+
+/// Where tbf's mean/target must fall for the run's host to count as undisturbed.
+const TC_BAND: (f64, f64) = (0.99, 1.01);
 
 /// Forgets what the kernel learned about earlier loopback connections, so every run starts
 /// from the same state. Linux caches per destination, among others, the reordering a
@@ -783,6 +908,8 @@ fn run_replay(t: &Target, capture: &Arc<Vec<u8>>, secs: f64, pid: u32) -> RunRes
         ping_second: Vec::new(),
         cpu_pct: cpu,
         ledger: None,
+        retrans: None,
+        steal: None,
     }
 }
 
@@ -895,6 +1022,8 @@ fn run(t: &Target, streams: usize, secs: f64, pid: Option<u32>) -> RunResult {
         ping_second: second,
         cpu_pct: cpu,
         ledger: None,
+        retrans: None,
+        steal: None,
     }
 }
 
@@ -1150,9 +1279,9 @@ fn print_table(args: &Args, configs: &[(Target, usize)], results: &[Vec<RunResul
         }
     );
     println!(
-        "| configuration | streams | Gb/s | mean/target | link fidelity | agree | shortfall by cause | max 100 ms/target | max 100 ms at read/target | first 100 ms/target | conn min/mean | in-band ping p50 / p99 (ms) | 2nd-conn ping p50 / p99 (ms) | proxy CPU % | CPU %/(Gb/s) |"
+        "| configuration | streams | Gb/s | mean/target | link fidelity | agree | shortfall by cause | max 100 ms/target | max 100 ms at read/target | first 100 ms/target | conn min/mean | in-band ping p50 / p99 (ms) | 2nd-conn ping p50 / p99 (ms) | proxy CPU % | CPU %/(Gb/s) | TCP retransmits per s (needless) | CPU stolen by the hypervisor |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let direct1 = configs
         .iter()
         .zip(results)
@@ -1197,8 +1326,22 @@ fn print_table(args: &Args, configs: &[(Target, usize)], results: &[Vec<RunResul
             Some(l) if via_proxy && t.rate.is_some() => l.causes(),
             _ => "-".to_owned(),
         };
+        let retrans = rs
+            .iter()
+            .map(|r| r.retrans)
+            .collect::<Option<Vec<_>>>()
+            .map_or("n/a".to_owned(), |v| {
+                let per_s = |f: &dyn Fn(&TcpRetrans) -> u64| {
+                    v.iter().map(f).sum::<u64>() as f64 / (args.secs * v.len() as f64)
+                };
+                format!(
+                    "{:.0} ({:.0})",
+                    per_s(&|x| x.segments),
+                    per_s(&|x| x.needless)
+                )
+            });
         let row = format!(
-            "| {} | {} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.2} / {:.2} | {:.2} / {:.2} | {} | {} |",
+            "| {} | {} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.2} / {:.2} | {:.2} / {:.2} | {} | {} | {} | {} |",
             t.name,
             streams,
             gbps,
@@ -1224,6 +1367,8 @@ fn print_table(args: &Args, configs: &[(Target, usize)], results: &[Vec<RunResul
             } else {
                 "-".into()
             },
+            retrans,
+            worst_steal(rs).map_or("n/a".to_owned(), |x| format!("{:.1} %", x * 100.0)),
         );
         // Rows without a figure (e.g. pings in the replay runs) show "-".
         println!("{}", row.replace("NaN", "-"));
