@@ -355,6 +355,12 @@ fn fidelity_text(m: &Value) -> String {
     if ratio < crate::migration::FIDELITY_WARN_BELOW {
         s.push_str(" LOW");
     }
+    if let Some(x) = m["fidelity"]["host_cpu_stolen"]
+        .as_f64()
+        .filter(|x| *x > crate::migration::STOLEN_WARN_ABOVE)
+    {
+        let _ = write!(s, ", host CPU stolen {:.1} %", x * 100.0);
+    }
     s
 }
 
@@ -539,18 +545,22 @@ mod tests {
                           "page_requests": 0, "open_connections": 1,
                           "ram_sent_ratio": 1.5, "ram_total_bytes": 134_217_728,
                           "fidelity": {"to_destination": {"ratio": 0.93,
-                              "shortfall_bytes": {"late": 4_000_000, "destination": 0}}}}
+                              "shortfall_bytes": {"late": 4_000_000, "destination": 0}},
+                              "host_cpu_stolen": 0.125}}
         }]);
         let recent = json!({"active": [], "recent": [{"id": "r-0", "outcome": "completed",
             "duration_s": 1.0, "bytes": {"to_destination": {"precopy": 5}},
             "fidelity": {"to_destination": {"ratio": 1.0,
-                "shortfall_bytes": {"late": 0, "destination": 0}}}},
+                "shortfall_bytes": {"late": 0, "destination": 0}}, "host_cpu_stolen": 0.004}},
             {"id": "r-1", "outcome": "completed", "duration_s": 2.0,
              "outcome_basis": "encrypted stream (TLS): every connection closed cleanly",
              "bytes": {"to_destination": {"precopy": 7}}}]});
         let text = render_status(&routes, &recent, &Value::Null);
         assert!(
-            text.contains("link fidelity 93.0 % (short 4.0 MB: late 4.0 MB, destination 0 B) LOW"),
+            text.contains(
+                "link fidelity 93.0 % (short 4.0 MB: late 4.0 MB, destination 0 B) LOW, \
+                 host CPU stolen 12.5 %"
+            ),
             "{text}"
         );
         assert!(

@@ -281,13 +281,17 @@ pub fn render(replay: &Replay, runs: &[(String, Record)]) -> String {
             Some(ratio) => writeln!(
                 out,
                 "{link}: link fidelity {:.2} % (delivered of the rate while backlogged, {:.3} s; \
-                 short: late {} B, destination {} B, fabric {} B; idle waiting for the source {:.3} s){}",
+                 short: late {} B, destination {} B, fabric {} B; idle waiting for the source {:.3} s; \
+                 host CPU stolen by a hypervisor {}){}",
                 ratio * 100.0,
                 f.backlogged_seconds,
                 short("late"),
                 short("destination"),
                 short("fabric"),
                 idle,
+                r.fidelity
+                    .host_cpu_stolen
+                    .map_or("n/a".to_owned(), |x| format!("{:.1} %", x * 100.0)),
                 if ratio < crate::migration::FIDELITY_WARN_BELOW {
                     " - below 99 %: see \"Is the link faithful?\" in the README"
                 } else {

@@ -74,6 +74,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod host;
 pub mod inspect;
 pub mod link;
 pub mod metrics;

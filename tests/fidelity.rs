@@ -135,6 +135,7 @@ fn a_destination_reading_at_80_percent_of_the_link_is_reported_short_by_20_perce
         warn["hint"].as_str().unwrap().starts_with("destination"),
         "{warn}"
     );
+    assert!(warn["host_cpu_stolen_percent"].is_number(), "{warn}");
 }
 
 #[test]
@@ -156,6 +157,11 @@ fn a_healthy_destination_gets_the_full_rate_and_no_warning() {
         record["fidelity"]["to_source"]["ratio"].is_null(),
         "{record}"
     );
+    // The host's share of stolen CPU time over the migration (Linux reports it).
+    let stolen = record["fidelity"]["host_cpu_stolen"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no host_cpu_stolen: {record}"));
+    assert!((0.0..=1.0).contains(&stolen), "{record}");
 }
 
 #[test]

@@ -27,7 +27,7 @@ pub use record::{
     ActiveView, DirBytes, DirFidelity, FidelityRecord, LinkEntry, RamRecord, RateView, Record,
     Series,
 };
-pub use registry::{FIDELITY_WARN_BELOW, RouteAccounting};
+pub use registry::{FIDELITY_WARN_BELOW, RouteAccounting, STOLEN_WARN_ABOVE};
 pub use sink::RecordSink;
 pub use taps::{ForwardTap, ReverseTap, connection_ended};
 
@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::host::CpuTimes;
 use crate::link::{Direction, Fidelity};
 use crate::metrics::MigrationOutcome;
 use crate::qemu::{DesyncReason, MultifdLedger, Outcome, Phase, RamCounters, Stats};
@@ -49,6 +50,8 @@ pub struct Migration {
     route: Arc<RouteAccounting>,
     started: SystemTime,
     start: Instant,
+    /// The machine's CPU times when the migration began (None off Linux).
+    cpu_at_start: Option<CpuTimes>,
     /// The main channel's phase (its [`Phase::index`]), read lock-free by the other
     /// channels.
     phase: AtomicU8,
@@ -113,6 +116,7 @@ impl Migration {
             route,
             started: SystemTime::now(),
             start,
+            cpu_at_start: CpuTimes::now(),
             phase: AtomicU8::new(Phase::Setup.index() as u8),
             state: Mutex::new(state),
         }
@@ -180,6 +184,11 @@ impl Migration {
         FidelityRecord {
             to_destination: dir(Direction::ToDestination),
             to_source: dir(Direction::ToSource),
+            host_cpu_stolen: self
+                .cpu_at_start
+                .zip(CpuTimes::now())
+                .and_then(|(start, now)| now.stolen_since(&start))
+                .map(|x| (x * 1e4).round() / 1e4),
         }
     }
 

@@ -82,6 +82,10 @@ pub struct FidelityRecord {
     pub to_destination: DirFidelity,
     /// Destination → source: the return path.
     pub to_source: DirFidelity,
+    /// Share of the machine's CPU time a hypervisor ran something else while this
+    /// migration ran (steal; `null` where the host does not report it): time in which no
+    /// link on a virtual machine can keep its rate (see [`crate::host`]).
+    pub host_cpu_stolen: Option<f64>,
 }
 
 /// One direction's fidelity over a migration.

@@ -238,6 +238,41 @@ pub const FIDELITY_WARN_BELOW: f64 = 0.99;
 /// Less backlogged time than this says too little about the link to warn about.
 const FIDELITY_MIN_BACKLOG_S: f64 = 0.01;
 
+/// Above this share of the machine's CPU time stolen by a hypervisor during a migration,
+/// the low-fidelity warning names the host first.
+pub const STOLEN_WARN_ABOVE: f64 = 0.01;
+
+/// What a low fidelity most likely came from and what to try: the main cause of the
+/// shortfall.
+fn fidelity_hint(late: u64, destination: u64, fabric: u64) -> &'static str {
+    if fabric > late.max(destination) {
+        "fabric: other routes of this migshaper were backlogged at the same time and their \
+         links together wanted more than the fabric budget (--fabric / [fabric]), so each got \
+         its share; run migrations one at a time, raise the fabric budget if the real \
+         fabric carries more, or set oversubscribe = \"refuse\""
+    } else if late >= destination {
+        "late: migshaper's wake-ups came later than the burst absorbs (busy or virtualised \
+         host); give migshaper a core of its own, keep the QEMUs off it, or raise --burst \
+         (e.g. 4ms)"
+    } else {
+        "destination: the receiving side (or the real path under the emulated link) took \
+         the bytes slower than the link; check the path's capacity or lower the emulated rate"
+    }
+}
+
+/// When a hypervisor took more than [`STOLEN_WARN_ABOVE`] of the machine's CPU time during
+/// the migration: what that means for the shortfall (no setting of migshaper's helps).
+fn host_note(stolen: Option<f64>) -> Option<String> {
+    let x = stolen.filter(|x| *x > STOLEN_WARN_ABOVE)?;
+    Some(format!(
+        "the hypervisor ran something else for {:.1} % of this machine's CPU time during the \
+         migration (steal): a descheduled vCPU delays wake-ups and reads alike, and no setting \
+         of migshaper's gets that time back; measure on a host with dedicated CPUs, or when \
+         it is quieter",
+        x * 100.0
+    ))
+}
+
 /// Logs a WARN line for each direction whose link delivered less than
 /// [`FIDELITY_WARN_BELOW`] of its rate while backlogged: by how much, why, what to try.
 fn warn_low_fidelity(route: &str, id: &str, record: &Record) {
@@ -253,19 +288,9 @@ fn warn_low_fidelity(route: &str, id: &str, record: &Record) {
         let late = f.shortfall_bytes.get("late").copied().unwrap_or(0);
         let destination = f.shortfall_bytes.get("destination").copied().unwrap_or(0);
         let fabric = f.shortfall_bytes.get("fabric").copied().unwrap_or(0);
-        let hint = if fabric > late.max(destination) {
-            "fabric: other routes of this migshaper were backlogged at the same time and their \
-             links together wanted more than the fabric budget (--fabric / [fabric]), so each got \
-             its share; run migrations one at a time, raise the fabric budget if the real \
-             fabric carries more, or set oversubscribe = \"refuse\""
-        } else if late >= destination {
-            "late: migshaper's wake-ups came later than the burst absorbs (busy or virtualised \
-             host); give migshaper a core of its own, keep the QEMUs off it, or raise --burst \
-             (e.g. 4ms)"
-        } else {
-            "destination: the receiving side (or the real path under the emulated link) took \
-             the bytes slower than the link; check the path's capacity or lower the emulated rate"
-        };
+        let stolen = record.fidelity.host_cpu_stolen;
+        let hint = fidelity_hint(late, destination, fabric);
+        let host = host_note(stolen);
         warn!(
             route,
             migration = id,
@@ -275,6 +300,8 @@ fn warn_low_fidelity(route: &str, id: &str, record: &Record) {
             shortfall_late_bytes = late,
             shortfall_destination_bytes = destination,
             shortfall_fabric_bytes = fabric,
+            host_cpu_stolen_percent = stolen.map(|x| x * 100.0),
+            host = host.as_deref().unwrap_or(""),
             backlogged_seconds = f.backlogged_seconds,
             hint,
             "link fidelity low: the link delivered {:.1} % of its rate while it had data to \
@@ -283,5 +310,29 @@ fn warn_low_fidelity(route: &str, id: &str, record: &Record) {
             ratio * 100.0,
             (1.0 - ratio) * 100.0,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hint_names_the_main_cause() {
+        assert!(fidelity_hint(10, 5, 0).starts_with("late:"));
+        assert!(fidelity_hint(5, 10, 0).starts_with("destination:"));
+        assert!(fidelity_hint(5, 10, 11).starts_with("fabric:"));
+    }
+
+    #[test]
+    fn a_busy_hypervisor_is_named_above_the_threshold_only() {
+        let h = host_note(Some(0.176)).unwrap();
+        assert!(
+            h.starts_with("the hypervisor ran something else for 17.6 %"),
+            "{h}"
+        );
+        assert_eq!(host_note(Some(STOLEN_WARN_ABOVE)), None);
+        assert_eq!(host_note(Some(0.0)), None);
+        assert_eq!(host_note(None), None);
     }
 }
