@@ -49,6 +49,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use common::{Spawned, cpu_ticks, fixtures, migshaper};
+use migshaper::host::CpuTimes;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -146,25 +147,6 @@ struct RunResult {
     /// from /proc/stat): a vCPU descheduled under a running shaper is a late wake-up and a
     /// receiver that does not read, whatever the shaper does.
     steal: Option<f64>,
-}
-
-/// The first line of /proc/stat: (steal ticks, all ticks).
-fn cpu_steal_ticks() -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = text.lines().next()?.strip_prefix("cpu ")?;
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .map(|x| x.parse().ok())
-        .collect::<Option<_>>()?;
-    // user nice system idle iowait irq softirq steal (guest times are inside user/nice).
-    let all = v.iter().take(8).sum();
-    Some((*v.get(7)?, all))
-}
-
-/// Steal as a share of the CPU time between two readings.
-fn steal_share(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
-    let ((s0, a0), (s1, a1)) = (before?, after?);
-    (a1 > a0).then(|| s1.saturating_sub(s0) as f64 / (a1 - a0) as f64)
 }
 
 /// Above this share of stolen CPU time a run measured the hypervisor as much as the link.
@@ -352,7 +334,7 @@ fn main() {
             }
             let before = t.route.and_then(|r| link_ledger(control, r));
             let retrans_before = TcpRetrans::now();
-            let steal_before = cpu_steal_ticks();
+            let steal_before = CpuTimes::now();
             let mut r = if t.replay {
                 run_replay(t, &capture, args.secs, pid)
             } else {
@@ -366,7 +348,9 @@ fn main() {
             r.retrans = TcpRetrans::now()
                 .zip(retrans_before)
                 .map(|(a, b)| a.since(&b));
-            r.steal = steal_share(steal_before, cpu_steal_ticks());
+            r.steal = steal_before
+                .zip(CpuTimes::now())
+                .and_then(|(before, after)| after.stolen_since(&before));
             eprintln!(
                 "round {} {:>20} x{}: {:.3} Gb/s, fidelity {}, max100 {:.3}, first100 {:.3}, ping {:.2}/{:.2} ms, retrans {}, steal {}",
                 round + 1,
