@@ -188,7 +188,7 @@ impl Migration {
                 .cpu_at_start
                 .zip(CpuTimes::now())
                 .and_then(|(start, now)| now.stolen_since(&start))
-                .map(|x| (x * 1e4).round() / 1e4),
+                .map(record::round4),
         }
     }
 

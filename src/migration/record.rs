@@ -136,7 +136,7 @@ impl DirFidelity {
 }
 
 /// A ratio to four decimals: finer than any host keeps a link, easier to read.
-fn round4(x: f64) -> f64 {
+pub(super) fn round4(x: f64) -> f64 {
     (x * 1e4).round() / 1e4
 }
 
