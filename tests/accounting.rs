@@ -438,6 +438,14 @@ async fn recording(name: &str) -> (Running, TcpListener, PathBuf) {
     (start(cfg), upstream, records)
 }
 
+/// Stops the server and returns the one record it wrote.
+async fn only_record(server: Running, records: &Path) -> serde_json::Value {
+    server.shutdown().await;
+    let mut recs = read_records(records);
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    recs.remove(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_migration_whose_connections_all_close_cleanly_is_completed_with_its_basis() {
     // Main channel and two multifd channels, all TLS; the return path's bytes are TLS too.
@@ -450,10 +458,7 @@ async fn a_tls_migration_whose_connections_all_close_cleanly_is_completed_with_i
     let rp = tls_bytes(0x03, 5_000, 4);
     let (server, upstream, records) = recording("tls-clean").await;
     drive(server.addr(), &upstream, s2d, rp.clone()).await;
-    server.shutdown().await;
-    let recs = read_records(&records);
-    assert_eq!(recs.len(), 1, "{recs:?}");
-    let r = &recs[0];
+    let r = &only_record(server, &records).await;
     assert_eq!(r["outcome"], "completed", "{r}");
     assert!(r["cause"].is_null(), "{r}");
     assert_eq!(
@@ -501,10 +506,7 @@ async fn a_tls_main_channel_the_destination_half_closes_first_is_completed() {
         "the source's bytes after the destination's FIN arrived"
     );
     drop((c, d));
-    server.shutdown().await;
-    let recs = read_records(&records);
-    assert_eq!(recs.len(), 1, "{recs:?}");
-    let r = &recs[0];
+    let r = &only_record(server, &records).await;
     assert_eq!(r["outcome"], "completed", "{r}");
     assert_eq!(
         r["outcome_basis"],
@@ -555,10 +557,7 @@ async fn a_tls_main_channel_the_destination_closes_with_bytes_unread_is_failed()
         .await
         .expect("the source's writes end")
         .unwrap();
-    server.shutdown().await;
-    let recs = read_records(&records);
-    assert_eq!(recs.len(), 1, "{recs:?}");
-    let r = &recs[0];
+    let r = &only_record(server, &records).await;
     assert_eq!(r["outcome"], "failed", "{r}");
     let cause = r["cause"].as_str().unwrap();
     assert!(
@@ -603,10 +602,7 @@ async fn a_tls_migration_with_one_connection_reset_is_failed_though_the_main_cha
     d.shutdown().await.unwrap();
     c.read_to_end(&mut tail).await.unwrap();
     drop((c, d, d2));
-    server.shutdown().await;
-    let recs = read_records(&records);
-    assert_eq!(recs.len(), 1, "{recs:?}");
-    let r = &recs[0];
+    let r = &only_record(server, &records).await;
     assert_eq!(r["outcome"], "failed", "{r}");
     assert!(
         r["cause"]
