@@ -168,8 +168,10 @@ impl Migration {
         }
     }
 
-    /// The link's fidelity over this migration so far, per direction.
-    fn fidelity_record(&self, st: &State) -> FidelityRecord {
+    /// The link's fidelity over this migration so far, per direction, and the share of the
+    /// machine's CPU time stolen since it began as of `cpu_now` (read by the caller before
+    /// it took the state lock, which the pumps take for every chunk).
+    fn fidelity_record(&self, st: &State, cpu_now: Option<CpuTimes>) -> FidelityRecord {
         let current = st.timeline.last().map_or(Phase::Setup, |t| t.0);
         let dir = |d: Direction| {
             let mut phases = st.fidelity[d.index()];
@@ -186,13 +188,14 @@ impl Migration {
             to_source: dir(Direction::ToSource),
             host_cpu_stolen: self
                 .cpu_at_start
-                .zip(CpuTimes::now())
+                .zip(cpu_now)
                 .and_then(|(start, now)| now.stolen_since(&start))
                 .map(record::round4),
         }
     }
 
     fn view(&self, now: Instant) -> Option<ActiveView> {
+        let cpu_now = CpuTimes::now();
         let st = self.lock();
         if st.open_conns == 0 {
             return None;
@@ -240,7 +243,7 @@ impl Migration {
                 _ => None,
             },
             links: st.links.clone(),
-            fidelity: self.fidelity_record(&st),
+            fidelity: self.fidelity_record(&st, cpu_now),
         })
     }
 
@@ -256,6 +259,7 @@ impl Migration {
     /// A connection of this migration closed (both directions), with its channel's final
     /// parser state. The last one to close writes the record.
     fn connection_closed(&self, channel: Option<ChannelSummary>, now: Instant) {
+        let cpu_now = CpuTimes::now();
         let mut st = self.lock();
         if let Some(c) = channel {
             *st.channels.entry(c.kind).or_insert(0) += 1;
@@ -275,14 +279,19 @@ impl Migration {
         if st.open_conns > 0 {
             return;
         }
-        let (record, outcome, phase_times) = self.record(&st, now);
+        let (record, outcome, phase_times) = self.record(&st, now, cpu_now);
         drop(st);
         self.route.finished(&self.id, record, outcome, &phase_times);
     }
 
-    /// The record of the migration ending at `now`, how it ended, and the time it spent
-    /// in each of [`Phase::MIGRATION`].
-    fn record(&self, st: &State, now: Instant) -> (Record, MigrationOutcome, [Duration; 4]) {
+    /// The record of the migration ending at `now` (`cpu_now`: the machine's CPU times
+    /// then), how it ended, and the time it spent in each of [`Phase::MIGRATION`].
+    fn record(
+        &self,
+        st: &State,
+        now: Instant,
+        cpu_now: Option<CpuTimes>,
+    ) -> (Record, MigrationOutcome, [Duration; 4]) {
         let Verdict {
             outcome,
             cause,
@@ -332,7 +341,7 @@ impl Migration {
             page_requests: st.page_requests,
             channels: st.channels.clone(),
             opaque_bytes: st.opaque_bytes,
-            fidelity: self.fidelity_record(st),
+            fidelity: self.fidelity_record(st, cpu_now),
             series: Series {
                 interval_s: SERIES_INTERVAL.as_secs_f64(),
                 to_destination: st.series[Direction::ToDestination.index()].clone(),
