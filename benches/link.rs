@@ -149,8 +149,9 @@ struct RunResult {
     steal: Option<f64>,
 }
 
-/// Above this share of stolen CPU time a run measured the hypervisor as much as the link.
-const STEAL_LIMIT: f64 = 0.01;
+/// Above this share of stolen CPU time a run measured the hypervisor as much as the link:
+/// the threshold above which a migration's low-fidelity warning names the host.
+const STEAL_LIMIT: f64 = migshaper::migration::STOLEN_WARN_ABOVE;
 
 /// Deltas of `RetransSegs` (`/proc/net/snmp`) and `TCPDSACKRecv` (`/proc/net/netstat`).
 #[derive(Default, Clone, Copy, Debug)]
@@ -757,7 +758,7 @@ fn print_targets(args: &Args, configs: &[(Target, usize)], results: &[Vec<RunRes
              not judged; run again when the host is quieter",
             STEAL_LIMIT * 100.0,
             stolen.len(),
-            results.len(),
+            results.iter().filter(|rs| !rs.is_empty()).count(),
             stolen.iter().fold(0.0, |a: f64, b| a.max(*b)) * 100.0
         );
     }
