@@ -349,9 +349,7 @@ fn main() {
             r.retrans = TcpRetrans::now()
                 .zip(retrans_before)
                 .map(|(a, b)| a.since(&b));
-            r.steal = steal_before
-                .zip(CpuTimes::now())
-                .and_then(|(before, after)| after.stolen_since(&before));
+            r.steal = CpuTimes::stolen_between(steal_before, CpuTimes::now());
             eprintln!(
                 "round {} {:>20} x{}: {:.3} Gb/s, fidelity {}, max100 {:.3}, first100 {:.3}, ping {:.2}/{:.2} ms, retrans {}, steal {}",
                 round + 1,

@@ -27,13 +27,15 @@ impl CpuTimes {
         parse_proc_stat(&std::fs::read_to_string("/proc/stat").ok()?)
     }
 
-    /// The share of the CPU time since `before` that was stolen; None if no time passed.
-    pub fn stolen_since(&self, before: &CpuTimes) -> Option<f64> {
-        let total = self.total.checked_sub(before.total)?;
+    /// The share of the CPU time between two readings that was stolen; None if either
+    /// reading is missing (not Linux) or no time passed.
+    pub fn stolen_between(before: Option<CpuTimes>, after: Option<CpuTimes>) -> Option<f64> {
+        let (before, after) = (before?, after?);
+        let total = after.total.checked_sub(before.total)?;
         if total == 0 {
             return None;
         }
-        let steal = self.steal.saturating_sub(before.steal);
+        let steal = after.steal.saturating_sub(before.steal);
         Some((steal as f64 / total as f64).min(1.0))
     }
 }
@@ -102,8 +104,11 @@ mod tests {
             steal: 276,
             total: 2000,
         };
-        assert_eq!(b.stolen_since(&a), Some(0.176));
-        assert_eq!(a.stolen_since(&a), None, "no time passed");
-        assert_eq!(a.stolen_since(&b), None, "counters went backwards");
+        let between = CpuTimes::stolen_between;
+        assert_eq!(between(Some(a), Some(b)), Some(0.176));
+        assert_eq!(between(Some(a), Some(a)), None, "no time passed");
+        assert_eq!(between(Some(b), Some(a)), None, "counters went backwards");
+        assert_eq!(between(None, Some(b)), None, "no first reading");
+        assert_eq!(between(Some(a), None), None, "no second reading");
     }
 }

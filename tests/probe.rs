@@ -386,9 +386,7 @@ fn probe_finds_the_payload_rate_of_a_tbf_shaped_veth() {
     );
     // A shortfall here is tbf's (the probe reads the sink's own byte count and clock), and
     // on a virtual machine it comes from the hypervisor stealing CPU time: name how much.
-    let stolen = cpu_before
-        .zip(CpuTimes::now())
-        .and_then(|(before, after)| after.stolen_since(&before))
+    let stolen = CpuTimes::stolen_between(cpu_before, CpuTimes::now())
         .map_or("unknown".to_string(), |s| format!("{:.1} %", s * 100.0));
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(3), "{stdout}\n{stderr}");

@@ -186,10 +186,7 @@ impl Migration {
         FidelityRecord {
             to_destination: dir(Direction::ToDestination),
             to_source: dir(Direction::ToSource),
-            host_cpu_stolen: self
-                .cpu_at_start
-                .zip(cpu_now)
-                .and_then(|(start, now)| now.stolen_since(&start))
+            host_cpu_stolen: CpuTimes::stolen_between(self.cpu_at_start, cpu_now)
                 .map(record::round4),
         }
     }
